@@ -1,0 +1,135 @@
+"""The model's functional surface: init, apply, logical axes.
+
+  params = init(cfg, rng)
+  logits_BTV, cache = apply(cfg, params, tokens_BT, positions_BT=..., segment_ids_BT=...,
+                            cache=..., deterministic=True, rng=None)
+
+`cfg` is hashable, so `jax.jit(apply, static_argnums=0)` works as is.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model import positions as pos_lib
+from model.cache import KVCache
+from model.config import ModelConfig
+from model.masks import KIND_IDS, Mask
+from model.transformer import Transformer
+
+
+def _kinds_L(cfg: ModelConfig) -> jnp.ndarray:
+  return jnp.array([KIND_IDS[k] for k in cfg.layer_kinds], jnp.int32)
+
+
+def _base(cfg: ModelConfig) -> ModelConfig:
+  return cfg.replace(lora_rank=0, lora_targets=()) if cfg.lora_rank else cfg
+
+
+def _init_variables(cfg: ModelConfig, rng):
+  tokens_BT = jnp.zeros((1, 1), jnp.int32)
+  slot_BT = jnp.zeros((1, 1), jnp.int32)
+  mask = Mask.build(batch=1, q_slot_BT=slot_BT, kv_len=1, causal=cfg.causal,
+                    window=cfg.window_size, stride=cfg.sparse_stride)
+  return Transformer(cfg).init({"params": rng}, tokens_BT, slot_BT, mask, _kinds_L(cfg))
+
+
+def init(cfg: ModelConfig, rng) -> dict:
+  """Fresh parameters (a nested dict of arrays, layers stacked on axis 0 when scanned)."""
+  return nn.unbox(_init_variables(_base(cfg), rng)["params"])
+
+
+def init_lora(cfg: ModelConfig, rng) -> dict:
+  """Fresh LoRA adapters for cfg.lora_targets: A ~ N(0, 1/r^2), B = 0."""
+  if not cfg.lora_rank:
+    raise ValueError("init_lora: cfg.lora_rank is 0; set lora_rank and lora_targets")
+  return nn.unbox(_init_variables(cfg, rng)["lora"])
+
+
+def logical_axes(cfg: ModelConfig, collection: str = "params"):
+  """The params (or 'lora') pytree with a PartitionSpec of logical axis names per leaf."""
+  abstract = jax.eval_shape(lambda: _init_variables(cfg if collection == "lora" else _base(cfg),
+                                                    jax.random.PRNGKey(0)))
+  return nn.get_partition_spec(abstract)[collection]
+
+
+def apply(cfg: ModelConfig, params, tokens_BT, *, positions_BT=None, segment_ids_BT=None,
+          cache: KVCache | None = None, deterministic: bool = True, rng=None, lora=None,
+          return_intermediates: bool = False):
+  """Run the model on tokens_BT [B, T].
+
+  Without a cache: causal (or bidirectional) attention over the T tokens;
+  `segment_ids_BT` keeps packed documents apart, and positions then restart
+  per document unless given.
+  With a cache: the T tokens continue each row at slot cache.lengths_B (their
+  positions by default); their K/V are written there and attention covers
+  every filled slot. Returns the cache with lengths_B + T.
+
+  Returns (logits_BTV float32, cache or None), plus the sown intermediates
+  (per-layer arrays stacked on a leading L axis) when return_intermediates.
+  """
+  tokens_BT = jnp.asarray(tokens_BT)
+  if tokens_BT.ndim != 2:
+    raise ValueError(f"apply: tokens_BT must be [batch, time], got shape {tokens_BT.shape}")
+  b, t = tokens_BT.shape
+  arange_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  if cache is None:
+    if cfg.position == "learned" and t > cfg.max_seq_len:
+      raise ValueError(f"apply: {t} tokens exceed max_seq_len={cfg.max_seq_len} of the learned "
+                       "position table")
+    slot_BT = arange_BT
+    if positions_BT is None:
+      positions_BT = arange_BT if segment_ids_BT is None else pos_lib.positions_from_segments(
+          jnp.asarray(segment_ids_BT))
+    mask = Mask.build(batch=b, q_slot_BT=slot_BT, kv_len=t, causal=cfg.causal,
+                      window=cfg.window_size, stride=cfg.sparse_stride,
+                      segment_ids_BT=segment_ids_BT)
+    kv, cache_start_B = None, None
+  else:
+    if segment_ids_BT is not None:
+      raise ValueError("apply: segment_ids_BT cannot be combined with a KV cache")
+    cache.check_room(t)
+    cache_start_B = cache.lengths_B
+    slot_BT = cache_start_B[:, None] + arange_BT
+    if positions_BT is None:
+      positions_BT = slot_BT
+    mask = Mask.build(batch=b, q_slot_BT=slot_BT, kv_len=cache.max_len, causal=cfg.causal,
+                      window=cfg.window_size, stride=cfg.sparse_stride,
+                      kv_length_B=cache_start_B + t)
+    kv = (cache.k_LBSKH, cache.v_LBSKH)
+  positions_BT = jnp.asarray(positions_BT, jnp.int32)
+  if cfg.position == "learned" and not isinstance(positions_BT, jax.core.Tracer):
+    if np.asarray(positions_BT).max(initial=0) >= cfg.max_seq_len:
+      raise ValueError(f"apply: a position reaches max_seq_len={cfg.max_seq_len} of the learned "
+                       "position table")
+
+  model_cfg = cfg if (lora is not None and cfg.lora_rank) else _base(cfg)
+  variables = {"params": params}
+  if model_cfg.lora_rank:
+    variables["lora"] = lora
+  rngs = {}
+  if not deterministic:
+    if rng is None and (cfg.dropout_rate > 0 or cfg.attn_dropout_rate > 0):
+      raise ValueError("apply: deterministic=False with dropout needs an rng")
+    if rng is not None:
+      rngs["dropout"] = rng
+  mutable = ["intermediates"] if return_intermediates else False
+  out = Transformer(model_cfg, deterministic).apply(
+      variables, tokens_BT, positions_BT, mask, _kinds_L(cfg), kv, cache_start_B,
+      rngs=rngs, mutable=mutable)
+  (logits_BTV, new_kv), state = out if return_intermediates else (out, None)
+  new_cache = None
+  if cache is not None:
+    new_cache = KVCache(new_kv[0], new_kv[1], cache.lengths_B + t)
+  if return_intermediates:
+    return logits_BTV, new_cache, _flatten_sown(state["intermediates"])
+  return logits_BTV, new_cache
+
+
+def _flatten_sown(tree):
+  """Sown values come as 1-tuples; unwrap them."""
+  return jax.tree.map(lambda v: v[0] if isinstance(v, tuple) and len(v) == 1 else v, tree,
+                      is_leaf=lambda v: isinstance(v, tuple))

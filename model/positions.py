@@ -1,0 +1,54 @@
+"""Position information: sinusoidal tables and rotary embeddings (RoPE).
+
+Learned absolute positions are a plain [max_seq_len, D] table in
+`model/transformer.py`; "none" adds nothing (causal attention alone carries
+order).
+"""
+
+import jax.numpy as jnp
+from jax import lax
+
+
+def sinusoidal(positions_BT: jnp.ndarray, d_model: int) -> jnp.ndarray:
+  """Vaswani et al. (2017) positions, [B, T] -> [B, T, D] float32.
+
+  PE[p, 2i] = sin(p / 10000^(2i/D)),  PE[p, 2i+1] = cos(p / 10000^(2i/D)).
+  """
+  i_half = jnp.arange(d_model // 2, dtype=jnp.float32)
+  inv_freq = 1.0 / (10000.0 ** (2.0 * i_half / d_model))
+  angle_BTI = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  pe_BTI2 = jnp.stack([jnp.sin(angle_BTI), jnp.cos(angle_BTI)], axis=-1)
+  return pe_BTI2.reshape(*positions_BT.shape, d_model)
+
+
+def apply_rope(x_BTNH: jnp.ndarray, positions_BT: jnp.ndarray, theta: float) -> jnp.ndarray:
+  """Rotary position embedding (Su et al. 2021), in the "rotate half" layout.
+
+  Dimension pairs (j, j + H/2) are rotated by the angle p * theta^(-2j/H):
+    y[j]       = x[j] cos - x[j + H/2] sin
+    y[j + H/2] = x[j + H/2] cos + x[j] sin
+  so that <R_p q, R_s k> depends on p and s only through p - s. This is the
+  layout of the Hugging Face GPT-NeoX/Llama/Phi-3 checkpoints.
+  """
+  h = x_BTNH.shape[-1]
+  inv_freq_J = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  angle_BTJ = positions_BT[..., None].astype(jnp.float32) * inv_freq_J
+  cos_BT1J = jnp.cos(angle_BTJ)[:, :, None, :]
+  sin_BT1J = jnp.sin(angle_BTJ)[:, :, None, :]
+  x = x_BTNH.astype(jnp.float32)
+  x1, x2 = x[..., : h // 2], x[..., h // 2:]
+  rotated = jnp.concatenate([x1 * cos_BT1J - x2 * sin_BT1J, x2 * cos_BT1J + x1 * sin_BT1J], -1)
+  return rotated.astype(x_BTNH.dtype)
+
+
+def positions_from_segments(segment_ids_BT: jnp.ndarray) -> jnp.ndarray:
+  """Per-document positions of a packed row: restart at 0 where the segment id changes.
+
+  [[1, 1, 1, 2, 2, 3]] -> [[0, 1, 2, 0, 1, 0]].
+  """
+  t = jnp.arange(segment_ids_BT.shape[1])
+  is_start_BT = jnp.concatenate(
+      [jnp.ones_like(segment_ids_BT[:, :1], bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]],
+      axis=1)
+  start_BT = jnp.where(is_start_BT, t, 0)
+  return t - lax.cummax(start_BT, axis=1)

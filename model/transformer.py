@@ -1,0 +1,198 @@
+"""The decoder-only transformer: attention, blocks, the layer stack, the LM head.
+
+Shape legend: B batch, T new tokens, S key slots, D d_model, N query heads,
+K kv heads, H head dim, F ffn width, V vocab, L layers.
+
+Pre-norm block (GPT-2 and later; eq. 8.26-8.31 with the norms moved inside):
+  t1 = LN(x);  t2 = MultiHeadAttention(t1);  t3 = t2 + x
+  t4 = LN(t3); t5 = FFN(t4);                 h  = t5 + t3
+Post-norm block (Vaswani et al. 2017):
+  t3 = LN(x + MultiHeadAttention(x));        h  = LN(t3 + FFN(t3))
+
+Intermediates are sown into the 'intermediates' collection when the caller
+makes it mutable (`apply(..., return_intermediates=True)`); otherwise sowing
+is a no-op and costs nothing.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from model import positions as pos_lib
+from model.attention import attention, dense_attention
+from model.config import ModelConfig
+from model.layers import Embed, FeedForward, dtype_of, make_linear, make_norm
+from model.masks import Mask
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class SelfAttention(nn.Module):
+  """Multi-head / grouped-query causal self-attention (eq. 8.15-8.19, 8.35-8.37).
+
+  q = x W_Q [B,T,N,H], k = x W_K, v = x W_V [B,T,K,H] (optionally one fused
+  W_QKV), RoPE on q and k, then attention over the cached and new keys, and
+  the output projection W_O [N H, D].
+  """
+
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask: Mask, kv=None, cache_start_B=None):
+    cfg = self.cfg
+    b, t, _ = x_BTD.shape
+    n, k, h = cfg.n_heads, cfg.kv_heads, cfg.head_size
+    if cfg.fused_qkv:
+      qkv = make_linear(cfg, "qkv", (n + 2 * k) * h, ("embed", "qkv"),
+                        use_bias=cfg.attn_bias)(x_BTD)
+      q, key, value = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
+    else:
+      q = make_linear(cfg, "q", n * h, ("embed", "heads"), use_bias=cfg.attn_bias)(x_BTD)
+      key = make_linear(cfg, "k", k * h, ("embed", "kv_heads"), use_bias=cfg.attn_bias)(x_BTD)
+      value = make_linear(cfg, "v", k * h, ("embed", "kv_heads"), use_bias=cfg.attn_bias)(x_BTD)
+    q_BTNH = q.reshape(b, t, n, h)
+    k_BTKH = key.reshape(b, t, k, h)
+    v_BTKH = value.reshape(b, t, k, h)
+    if cfg.position == "rope":
+      q_BTNH = pos_lib.apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
+      k_BTKH = pos_lib.apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
+    q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "heads", "head_dim"))
+
+    if kv is None:
+      k_BSKH, v_BSKH, new_kv = k_BTKH, v_BTKH, None
+    else:
+      def write(cache_SKH, new_TKH, start):
+        return lax.dynamic_update_slice_in_dim(cache_SKH, new_TKH.astype(cache_SKH.dtype),
+                                               start, axis=0)
+      k_BSKH = jax.vmap(write)(kv[0], k_BTKH, cache_start_B)
+      v_BSKH = jax.vmap(write)(kv[1], v_BTKH, cache_start_B)
+      new_kv = (k_BSKH, v_BSKH)
+
+    dropout_fn = None
+    if cfg.attn_dropout_rate > 0 and not self.deterministic:
+      dropout_fn = nn.Dropout(cfg.attn_dropout_rate, deterministic=False)
+    if self.is_mutable_collection("intermediates"):
+      # Looking inside: the dense path also returns the weights it used.
+      o_BTNH, w_BNTS = dense_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype),
+                                       v_BSKH.astype(q_BTNH.dtype), mask,
+                                       dropout_fn=dropout_fn, return_weights=True)
+      self.sow("intermediates", "attn_weights", w_BNTS)
+    else:
+      o_BTNH = attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), mask,
+                         impl=cfg.attention_impl, chunk_size=cfg.attn_chunk_size,
+                         dropout_fn=dropout_fn)
+    o_proj = make_linear(cfg, "o", cfg.d_model, ("heads", "embed"), use_bias=cfg.attn_bias,
+                         residual_out=True)
+    out_BTD = o_proj(o_BTNH.reshape(b, t, n * h))
+    if self.is_mutable_collection("intermediates"):
+      # Head n's share of the output: o_n W_O[n] (the bias is nobody's head).
+      w_NHD = o_proj.variables["params"]["kernel"].reshape(n, h, cfg.d_model)
+      self.sow("intermediates", "head_out",
+               jnp.einsum("BTNH,NHD->BTND", o_BTNH.astype(jnp.float32), w_NHD.astype(jnp.float32)))
+    return out_BTD, new_kv
+
+
+class Block(nn.Module):
+  """One transformer block; a scan body: (x, per-layer inputs) -> (x, per-layer outputs)."""
+
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD, layer_in, positions_BT, mask: Mask, cache_start_B):
+    cfg = self.cfg
+    mask = mask.with_kind(layer_in["kind"])
+    attn = SelfAttention(cfg, self.deterministic, name="attn")
+    drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+    self.sow("intermediates", "resid_pre", x_BTD)
+    if cfg.norm_placement == "pre":
+      attn_out, new_kv = attn(make_norm(cfg, "attn_norm")(x_BTD), positions_BT, mask,
+                              layer_in.get("kv"), cache_start_B)
+      x_BTD = x_BTD + drop(attn_out)
+      self.sow("intermediates", "resid_mid", x_BTD)
+      mlp_out = FeedForward(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_BTD))
+      x_BTD = x_BTD + drop(mlp_out)
+    else:
+      attn_out, new_kv = attn(x_BTD, positions_BT, mask, layer_in.get("kv"), cache_start_B)
+      x_BTD = make_norm(cfg, "attn_norm")(x_BTD + drop(attn_out))
+      self.sow("intermediates", "resid_mid", x_BTD)
+      mlp_out = FeedForward(cfg, name="mlp")(x_BTD)
+      x_BTD = make_norm(cfg, "mlp_norm")(x_BTD + drop(mlp_out))
+    self.sow("intermediates", "attn_out", attn_out)
+    self.sow("intermediates", "mlp_out", mlp_out)
+    self.sow("intermediates", "resid_post", x_BTD)
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed_act"))
+    return x_BTD, new_kv
+
+
+def _block_class(cfg: ModelConfig):
+  if cfg.remat == "none":
+    return Block
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+class Transformer(nn.Module):
+  """tokens [B, T] -> logits [B, T, V] (float32), and the updated K/V of every layer."""
+
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, tokens_BT, positions_BT, mask: Mask, layer_kinds_L, kv_LBSKH=None,
+               cache_start_B=None):
+    cfg = self.cfg
+    embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, dtype_of(cfg.dtype),
+                  dtype_of(cfg.param_dtype), name="embed")
+    x_BTD = embed(tokens_BT)
+    if cfg.position == "learned":
+      init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), (None, "embed"))
+      table_PD = self.param("pos_embedding", init, (cfg.max_seq_len, cfg.d_model),
+                            dtype_of(cfg.param_dtype))
+      x_BTD = x_BTD + jnp.take(table_PD, positions_BT, axis=0).astype(x_BTD.dtype)
+    elif cfg.position == "sinusoidal":
+      x_BTD = x_BTD + pos_lib.sinusoidal(positions_BT, cfg.d_model).astype(x_BTD.dtype)
+    x_BTD = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)(x_BTD)
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed_act"))
+
+    layer_in = {"kind": layer_kinds_L}
+    if kv_LBSKH is not None:
+      layer_in["kv"] = kv_LBSKH
+    block_cls = _block_class(cfg)
+    if cfg.scan_layers:
+      stack = nn.scan(
+          block_cls,
+          variable_axes={"params": 0, "lora": 0, "intermediates": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=cfg.n_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, self.deterministic, name="layers")
+      x_BTD, new_kv = stack(x_BTD, layer_in, positions_BT, mask, cache_start_B)
+    else:
+      new_kv_per_layer = []
+      for i in range(cfg.n_layers):
+        layer_in_i = jax.tree.map(lambda a, i=i: a[i], layer_in)
+        x_BTD, kv_i = block_cls(cfg, self.deterministic, name=f"layers_{i}")(
+            x_BTD, layer_in_i, positions_BT, mask, cache_start_B)
+        new_kv_per_layer.append(kv_i)
+      new_kv = None if kv_LBSKH is None else jax.tree.map(lambda *a: jnp.stack(a),
+                                                          *new_kv_per_layer)
+
+    if cfg.norm_placement == "pre":
+      x_BTD = make_norm(cfg, "final_norm")(x_BTD)
+    self.sow("intermediates", "final_resid", x_BTD)
+    if cfg.tie_embeddings:
+      logits_BTV = embed.attend(x_BTD)
+    else:
+      logits_BTV = make_linear(cfg.replace(dtype="float32"), "lm_head", cfg.vocab_size,
+                               ("embed", "vocab"), use_bias=False)(x_BTD.astype(jnp.float32))
+    logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
+    return logits_BTV, new_kv

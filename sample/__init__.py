@@ -1,0 +1,1 @@
+"""Sampling: prefill + scan decode with a KV cache."""
