@@ -10,7 +10,7 @@ positions, D d_model, N query heads, K kv heads, G = N/K, H head dim,
 F ffn hidden, V vocab, L layers.
 """
 
-from model.api import apply, init, init_lora, logical_axes
+from model.api import apply, init, init_lora, logical_axes, stack_layers, unstack_layers
 from model.cache import KVCache, cache_logical_axes, init_cache
 from model.config import ModelConfig
 from model.counting import ParamCount, count_params, estimate_params, flops_per_token
@@ -20,5 +20,5 @@ from model.summary import summary
 __all__ = [
     "KVCache", "ModelConfig", "PRESETS", "ParamCount", "apply", "cache_logical_axes",
     "count_params", "estimate_params", "flops_per_token", "get_preset", "init", "init_cache",
-    "init_lora", "logical_axes", "summary",
+    "init_lora", "logical_axes", "stack_layers", "summary", "unstack_layers",
 ]

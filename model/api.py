@@ -133,3 +133,19 @@ def _flatten_sown(tree):
   """Sown values come as 1-tuples; unwrap them."""
   return jax.tree.map(lambda v: v[0] if isinstance(v, tuple) and len(v) == 1 else v, tree,
                       is_leaf=lambda v: isinstance(v, tuple))
+
+
+def unstack_layers(params, n_layers: int):
+  """Scanned params ('layers' stacked on axis 0) -> unrolled ('layers_0', ..., 'layers_{L-1}')."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(n_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+  return out
+
+
+def stack_layers(params, n_layers: int):
+  """Unrolled params ('layers_i') -> scanned ('layers' stacked on axis 0)."""
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  out["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *[params[f"layers_{i}"]
+                                                           for i in range(n_layers)])
+  return out
