@@ -153,7 +153,8 @@ class Transformer(nn.Module):
                   dtype_of(cfg.param_dtype), name="embed")
     x_BTD = embed(tokens_BT)
     if cfg.position == "learned":
-      init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), (None, "embed"))
+      init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                          ("length", "embed"))
       table_PD = self.param("pos_embedding", init, (cfg.max_seq_len, cfg.d_model),
                             dtype_of(cfg.param_dtype))
       x_BTD = x_BTD + jnp.take(table_PD, positions_BT, axis=0).astype(x_BTD.dtype)
