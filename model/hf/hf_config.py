@@ -1,0 +1,104 @@
+"""Reading and writing the config.json fields that several architectures share.
+
+Rotary embeddings appear in two spellings: transformers 4.x writes
+`rope_theta` (+ `rope_scaling`), 5.x writes `rope_parameters` = {"rope_type",
+"rope_theta", ...}. Both are read; both are written, so an exported
+directory loads in either version.
+"""
+
+from __future__ import annotations
+
+from model.config import ModelConfig
+
+
+class UnsupportedModelError(ValueError):
+  """The checkpoint (or the config to export) uses something this converter cannot represent."""
+
+
+# HF activation name -> our ffn, for plain and for gated (GLU) feed-forward networks. All the
+# tanh-approximation spellings are the same function, GPT-2's "gelu_new".
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python_tanh")
+PLAIN_ACTIVATIONS = {**{a: "gelu" for a in _TANH_GELUS}, "gelu": "gelu_exact",
+                     "gelu_python": "gelu_exact", "relu": "relu"}
+GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", **{a: "geglu" for a in _TANH_GELUS}}
+# our ffn -> the HF name written on export
+ACTIVATION_NAMES = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu", "swiglu": "silu",
+                    "geglu": "gelu_pytorch_tanh"}
+
+
+def require(hf: dict, *fields: str, where: str) -> None:
+  missing = [f for f in fields if hf.get(f) is None]
+  if missing:
+    raise UnsupportedModelError(f"{where}: config.json lacks {missing}")
+
+
+def activation(name: str, *, gated: bool, where: str) -> str:
+  table = GATED_ACTIVATIONS if gated else PLAIN_ACTIVATIONS
+  if name not in table:
+    raise UnsupportedModelError(
+        f"{where}: activation {name!r} is not supported for a {'gated' if gated else 'plain'} "
+        f"feed-forward network; supported: {sorted(table)}")
+  return table[name]
+
+
+def rope_theta(hf: dict, *, where: str) -> float:
+  """The RoPE base of a config; unsupported scaling or partial rotary raise."""
+  params = hf.get("rope_parameters") or {}
+  scaling = hf.get("rope_scaling") or {}
+  rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+  if rope_type not in (None, "default"):
+    raise UnsupportedModelError(
+        f"{where}: RoPE scaling {rope_type!r} ({params or scaling}) is not supported; this "
+        "model's RoPE (model/positions.py) is the plain one, rope_type 'default' (e.g. "
+        "Phi-3-mini-4k, Llama 2, Mistral 7B; not Phi-3-128k 'longrope' or Llama 3.1 'llama3')")
+  partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  if partial not in (None, 1, 1.0):
+    raise UnsupportedModelError(
+        f"{where}: partial_rotary_factor={partial} (RoPE on part of each head) is not "
+        "supported; RoPE here rotates the whole head dimension")
+  return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def rope_fields(cfg: ModelConfig) -> dict:
+  return {"rope_theta": cfg.rope_theta,
+          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+
+
+def window_fields(hf: dict) -> dict:
+  """ModelConfig fields for HF's `sliding_window` (every layer local when it is set).
+
+  HF masks key j for query i unless i - W < j <= i (masking_utils.sliding_window_overlay:
+  kv_idx > q_idx - sliding_window): a query sees W keys, itself included. model/masks.py's
+  local rule t - s < window_size is the same set, so window_size = sliding_window exactly.
+  """
+  window = hf.get("sliding_window")
+  if window is None:
+    return {}
+  if not isinstance(window, int) or window < 1:
+    raise UnsupportedModelError(f"sliding_window={window!r} must be a positive integer or null")
+  return {"attention_pattern": ("local",), "window_size": window}
+
+
+def window_of(cfg: ModelConfig, *, where: str) -> int | None:
+  """HF `sliding_window` of cfg: None if every layer is global, window_size if every one is
+  local; anything else has no HF spelling in these architectures."""
+  kinds = set(cfg.layer_kinds)
+  if kinds == {"global"}:
+    return None
+  if kinds == {"local"}:
+    return cfg.window_size
+  raise UnsupportedModelError(
+      f"{where}: per-layer attention {cfg.attention_pattern} cannot be exported; these "
+      "architectures need every layer global or every layer local (sliding window)")
+
+
+def check_exportable(cfg: ModelConfig, where: str, conditions: dict[str, bool]) -> None:
+  """Raise naming every failed condition ({description: holds})."""
+  failed = [text for text, ok in conditions.items() if not ok]
+  if failed:
+    raise UnsupportedModelError(f"cannot export as {where}: " + "; ".join(failed))
+
+
+def dtype_fields(dtype: str) -> dict:
+  # "dtype" is transformers 5's key, "torch_dtype" 4.x's.
+  return {"dtype": dtype, "torch_dtype": dtype}

@@ -1,0 +1,182 @@
+"""Reading and writing Hugging Face safetensors checkpoints, one tensor at a time.
+
+A Hugging Face model directory holds its weights either in one file,
+`model.safetensors`, or in shards named by `model.safetensors.index.json`
+({"metadata": {"total_size": bytes}, "weight_map": {tensor name: shard file}}).
+`SafetensorsReader` opens each shard lazily with `safetensors.safe_open` and
+reads single tensors or slices of them, so a checkpoint is never held in
+memory as a whole. `write_safetensors` streams named tensors into shards of
+at most `max_shard_size` bytes in the same layout.
+
+numpy has no bfloat16 of its own; importing `ml_dtypes` (a jax dependency)
+registers it, and safetensors then reads and writes BF16 tensors as numpy
+arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+
+import ml_dtypes  # noqa: F401  (registers numpy's 'bfloat16' dtype for safetensors)
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+class CheckpointError(ValueError):
+  """A Hugging Face checkpoint directory is missing files or tensors, or has wrong shapes."""
+
+
+class SafetensorsReader:
+  """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint directory.
+
+    with SafetensorsReader(hf_dir) as reader:
+      reader.shape("model.norm.weight")         # header only, no data read
+      reader.read("model.layers.0.self_attn.qkv_proj.weight", rows=(0, 3072))
+  """
+
+  def __init__(self, hf_dir: str):
+    self.hf_dir = hf_dir
+    files, index = _checkpoint_files(hf_dir)
+    self._handles: dict[str, object] = {}
+    self._file_of: dict[str, str] = {}  # tensor name -> shard file
+    self._shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+      handle = self._open(file)
+      for name in handle.keys():
+        if index is None or index.get(name) == file:
+          self._file_of[name] = file
+          self._shapes[name] = tuple(handle.get_slice(name).get_shape())
+    missing = sorted(set(index or ()) - set(self._shapes))
+    if missing:
+      raise CheckpointError(f"{hf_dir}/{INDEX_NAME} lists tensor(s) its shard files do not "
+                            f"contain: {missing[:5]}")
+
+  def _open(self, file: str):
+    if file not in self._handles:
+      path = os.path.join(self.hf_dir, file)
+      if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint shard {path} is missing (named by {INDEX_NAME})")
+      self._handles[file] = safe_open(path, framework="numpy")
+    return self._handles[file]
+
+  def names(self) -> list[str]:
+    return sorted(self._shapes)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._shapes
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    if name not in self._shapes:
+      raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.hf_dir}")
+    return self._shapes[name]
+
+  def read(self, name: str, *, axis: int = 0, span: tuple[int, int] | None = None) -> np.ndarray:
+    """The tensor `name`, or only its entries span[0]:span[1] along `axis` (read from disk)."""
+    shape = self.shape(name)
+    handle = self._open(self._file_of[name])
+    if span is None or (span[0] == 0 and span[1] == shape[axis]):
+      return handle.get_tensor(name)
+    index = [slice(None)] * len(shape)
+    index[axis] = slice(*span)
+    return handle.get_slice(name)[tuple(index)]
+
+  def close(self):
+    self._handles.clear()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _checkpoint_files(hf_dir: str) -> tuple[list[str], dict[str, str] | None]:
+  """The safetensors files of hf_dir, and the index's {tensor name: file} (None: one file)."""
+  if not os.path.isdir(hf_dir):
+    raise CheckpointError(f"Hugging Face model directory {hf_dir!r} does not exist")
+  index_path = os.path.join(hf_dir, INDEX_NAME)
+  if os.path.exists(index_path):
+    index = dict(read_json(index_path)["weight_map"])
+    return sorted(set(index.values())), index
+  if os.path.exists(os.path.join(hf_dir, WEIGHTS_NAME)):
+    return [WEIGHTS_NAME], None
+  files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+  if len(files) == 1:
+    return files, None
+  others = sorted(f for f in os.listdir(hf_dir) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+  hint = (f"; it has {others}: convert them to safetensors first (e.g. load with transformers "
+          "and save_pretrained(..., safe_serialization=True))") if others else ""
+  raise CheckpointError(f"{hf_dir} has no {WEIGHTS_NAME} and no {INDEX_NAME}"
+                        + (f" (found several .safetensors files: {files})" if files else "")
+                        + hint)
+
+
+def parse_size(size: int | str) -> int:
+  """Bytes in `size`: an int, or a string like '5GB', '200MB', '10KiB'."""
+  if isinstance(size, int):
+    return size
+  match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
+  if not match:
+    raise ValueError(f"max_shard_size {size!r}: expected bytes or a size like '5GB' or '200MB'")
+  number, prefix, binary = match.groups()
+  base = 1024 if binary else 1000
+  return int(float(number) * base ** " KMGT".index(prefix.upper() or " "))
+
+
+def write_safetensors(out_dir: str, tensors: Sequence[tuple[str, tuple[int, ...], np.dtype,
+                                                               Callable[[], np.ndarray]]],
+                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
+  """Write (name, shape, dtype, make_array) tensors to out_dir; returns the files written.
+
+  Tensors are grouped in order into shards of at most `max_shard_size` bytes
+  (a single larger tensor gets a shard of its own), and each shard's arrays
+  are made only while that shard is written. One shard is `model.safetensors`;
+  several are `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`.
+  """
+  limit = parse_size(max_shard_size)
+  shards: list[list] = [[]]
+  shard_bytes = 0
+  for entry in tensors:
+    _, shape, dtype, _ = entry
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if shards[-1] and shard_bytes + nbytes > limit:
+      shards.append([])
+      shard_bytes = 0
+    shards[-1].append(entry)
+    shard_bytes += nbytes
+  os.makedirs(out_dir, exist_ok=True)
+  names = ([WEIGHTS_NAME] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  weight_map, total = {}, 0
+  for file, shard in zip(names, shards, strict=True):
+    arrays = {}
+    for name, shape, dtype, make in shard:
+      array = np.ascontiguousarray(make(), dtype=dtype)
+      if array.shape != tuple(shape):
+        raise ValueError(f"tensor {name!r}: made shape {array.shape}, declared {tuple(shape)}")
+      arrays[name] = array
+      weight_map[name] = file
+      total += array.nbytes
+    save_file(arrays, os.path.join(out_dir, file), metadata={"format": "pt"})
+  if len(shards) > 1:
+    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2,
+                sort_keys=True)
+  return names
+
+
+def read_json(path: str, *, required: bool = True) -> dict:
+  if not os.path.exists(path):
+    if required:
+      raise CheckpointError(f"{path} does not exist")
+    return {}
+  with open(path) as f:
+    return json.load(f)
