@@ -185,52 +185,74 @@ def _np(a):
   return np.asarray(a, np.float64)
 
 
+def random_params(shapes, seed=0, scale=0.3):
+  """Random float32 values in the pytree of `shapes` (e.g. `jax.eval_shape` of `model.init`):
+  norm gains near 1, every other leaf N(0, scale^2), so no bias or gain keeps a trivial value."""
+  rng = np.random.RandomState(seed)
+
+  def one(path, leaf):
+    noise = scale * rng.standard_normal(leaf.shape)
+    last = getattr(path[-1], "key", None)
+    return (noise + (1.0 if last == "scale" else 0.0)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+def _wb(node):
+  return _np(node["kernel"]), None if "bias" not in node else _np(node["bias"])
+
+
+def convert_attention(cfg, attn) -> dict:
+  """One layer's attention params -> {'q', 'k', 'v', 'o': (W [in, out], b | None)}."""
+  n, k, h = cfg.n_heads, cfg.kv_heads, cfg.head_size
+  if "qkv" in attn:
+    w, b = _wb(attn["qkv"])
+    cuts = [n * h, (n + k) * h]
+    bs = np.split(b, cuts) if b is not None else [None] * 3
+    q, kk, v = zip(np.split(w, cuts, axis=1), bs, strict=True)
+  else:
+    q, kk, v = _wb(attn["q"]), _wb(attn["k"]), _wb(attn["v"])
+  return {"q": q, "k": kk, "v": v, "o": _wb(attn["o"])}
+
+
+def convert_mlp(cfg, mlp) -> dict:
+  """One layer's FFN params -> {'up', 'down'[, 'gate']: (W, b | None)}."""
+  f = cfg.ffn_size
+  out = {"down": _wb(mlp["down"])}
+  if "gate_up" in mlp:
+    w, b = _wb(mlp["gate_up"])
+    out["gate"] = (w[:, :f], None if b is None else b[:f])
+    out["up"] = (w[:, f:], None if b is None else b[f:])
+  else:
+    out["up"] = _wb(mlp["up"])
+    if "gate" in mlp:
+      out["gate"] = _wb(mlp["gate"])
+  return out
+
+
+def convert_norm(node):
+  return _np(node["scale"]), None if "bias" not in node else _np(node["bias"])
+
+
+def convert_layer(cfg, lp) -> dict:
+  return {**convert_attention(cfg, lp["attn"]), "mlp": convert_mlp(cfg, lp["mlp"]),
+          "attn_norm": convert_norm(lp["attn_norm"]), "mlp_norm": convert_norm(lp["mlp_norm"])}
+
+
 def convert_params(cfg, params) -> dict:
   """Model params (scanned or unrolled) -> {'embedding', 'pos_embedding', 'layers': [...],
   'final_norm', 'lm_head'} of float64 arrays with every fused projection split apart."""
-  n, k, h, f = cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.ffn_size
-
   def layer(i):
     if "layers" in params:
-      return jax.tree.map(lambda a: _np(a[i]), params["layers"])
-    return jax.tree.map(_np, params[f"layers_{i}"])
+      return jax.tree.map(lambda a: a[i], params["layers"])
+    return params[f"layers_{i}"]
 
-  def wb(node):
-    return node["kernel"], node.get("bias")
-
-  def norm(node):
-    return node["scale"], node.get("bias")
-
-  layers = []
-  for i in range(cfg.n_layers):
-    lp = layer(i)
-    attn, mlp = lp["attn"], lp["mlp"]
-    if "qkv" in attn:
-      w, b = wb(attn["qkv"])
-      cuts = [n * h, (n + k) * h]
-      ws = np.split(w, cuts, axis=1)
-      bs = np.split(b, cuts) if b is not None else [None] * 3
-      q, kk, v = zip(ws, bs, strict=True)
-    else:
-      q, kk, v = wb(attn["q"]), wb(attn["k"]), wb(attn["v"])
-    mlp_out = {"down": wb(mlp["down"])}
-    if "gate_up" in mlp:
-      w, b = wb(mlp["gate_up"])
-      mlp_out["gate"] = (w[:, :f], None if b is None else b[:f])
-      mlp_out["up"] = (w[:, f:], None if b is None else b[f:])
-    else:
-      mlp_out["up"] = wb(mlp["up"])
-      if "gate" in mlp:
-        mlp_out["gate"] = wb(mlp["gate"])
-    layers.append({"q": q, "k": kk, "v": v, "o": wb(attn["o"]), "mlp": mlp_out,
-                   "attn_norm": norm(lp["attn_norm"]), "mlp_norm": norm(lp["mlp_norm"])})
-  out = {"embedding": _np(params["embed"]["embedding"]), "layers": layers}
+  out = {"embedding": _np(params["embed"]["embedding"]),
+         "layers": [convert_layer(cfg, layer(i)) for i in range(cfg.n_layers)]}
   if "pos_embedding" in params:
     out["pos_embedding"] = _np(params["pos_embedding"])
   if "final_norm" in params:
-    out["final_norm"] = (_np(params["final_norm"]["scale"]),
-                         _np(params["final_norm"]["bias"]) if "bias" in params["final_norm"]
-                         else None)
+    out["final_norm"] = convert_norm(params["final_norm"])
   if "lm_head" in params:
     out["lm_head"] = _np(params["lm_head"]["kernel"])
   return out
