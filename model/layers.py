@@ -52,10 +52,11 @@ class Linear(nn.Module):
       a_init = nn.with_logical_partitioning(
           nn.initializers.normal(1.0 / self.lora_rank), (self.axes[0], None))
       b_init = nn.with_logical_partitioning(nn.initializers.zeros, (None, self.axes[1]))
-      a_IR = self.variable("lora", "a", a_init, self.make_rng("params"),
-                           (d_in, self.lora_rank), self.param_dtype).value
-      b_RO = self.variable("lora", "b", b_init, self.make_rng("params"),
-                           (self.lora_rank, self.features), self.param_dtype).value
+      # Init functions draw their rng lazily: `apply` with given adapters has no 'params' rng.
+      a_IR = self.variable("lora", "a", lambda: a_init(
+          self.make_rng("params"), (d_in, self.lora_rank), self.param_dtype)).value
+      b_RO = self.variable("lora", "b", lambda: b_init(
+          self.make_rng("params"), (self.lora_rank, self.features), self.param_dtype)).value
       scale = self.lora_alpha / self.lora_rank
       y_BTO = y_BTO + scale * jnp.dot(jnp.dot(x, a_IR.astype(self.dtype)), b_RO.astype(self.dtype))
     return y_BTO
