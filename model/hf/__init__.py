@@ -35,6 +35,8 @@ MODULES: dict[str, ModuleType] = {arch: module for module in (gpt2, llama, phi3)
                                   for arch in module.ARCHITECTURES}
 MODEL_TYPES: dict[str, str] = {t: a for m in (gpt2, llama, phi3) for t, a in m.MODEL_TYPES.items()}
 
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
 __all__ = ["MODULES", "CheckpointError", "UnsupportedModelError", "architecture_of",
            "export_architecture", "load", "load_config", "read_hf_config", "save"]
 
@@ -138,7 +140,11 @@ def save(cfg: ModelConfig, params, out_dir: str, *, architecture: str | None = N
   module = MODULES[architecture]
   dtype = np.dtype(dtype or cfg.param_dtype).name
   hf = module.config_to_hf(cfg, architecture)
-  ids = {k: v for k, v in (token_ids or {}).items() if v is not None}
+  unknown = sorted(set(token_ids or {}) - set(TOKEN_ID_FIELDS))
+  if unknown:
+    raise ValueError(f"token_ids: unknown field(s) {unknown}; known: {TOKEN_ID_FIELDS}")
+  # Written even when unknown (null): some HF configs default them to ids outside a small vocab.
+  ids = {name: (token_ids or {}).get(name) for name in TOKEN_ID_FIELDS}
   hf.update(ids, **hf_config.dtype_fields(dtype))
   entries = tensor_entries(cfg, params, module.tensors(cfg), dtype)
   os.makedirs(out_dir, exist_ok=True)
@@ -149,5 +155,5 @@ def save(cfg: ModelConfig, params, out_dir: str, *, architecture: str | None = N
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
   with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-    json.dump(ids, f, indent=2, sort_keys=True)
+    json.dump({k: v for k, v in ids.items() if v is not None}, f, indent=2, sort_keys=True)
   return architecture

@@ -73,7 +73,7 @@ def config_to_hf(cfg: ModelConfig, architecture: str = "GPT2LMHeadModel") -> dic
   return {
       "architectures": [architecture], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
       "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
-      "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "n_inner": cfg.ffn_size,
+      "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "n_inner": cfg.d_ff,
       "activation_function": hf_config.ACTIVATION_NAMES[cfg.ffn],
       "layer_norm_epsilon": cfg.norm_eps, "initializer_range": cfg.init_std,
       "resid_pdrop": cfg.dropout_rate, "embd_pdrop": cfg.dropout_rate,

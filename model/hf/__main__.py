@@ -1,0 +1,74 @@
+"""Command line: Hugging Face model directory <-> workdir.
+
+  python -m model.hf import --hf_dir=PATH --workdir=runs/NAME [--dtype=bfloat16]
+      [--tokenizer=PATH] [--set attention_impl=chunked] [--overwrite]
+  python -m model.hf export --workdir=runs/NAME --out_dir=PATH [--step=N]
+      [--architecture=LlamaForCausalLM] [--dtype=bfloat16] [--max_shard_size=5GB]
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from model.hf.safetensors_io import DEFAULT_MAX_SHARD_SIZE
+
+COMMANDS = ("import", "export")
+
+flags.DEFINE_string("hf_dir", None, "import: the Hugging Face model directory to read.")
+flags.DEFINE_string("workdir", None, "The workdir to write (import) or read (export).")
+flags.DEFINE_string("out_dir", None, "export: the Hugging Face model directory to write.")
+flags.DEFINE_string("dtype", None, "Parameter (and compute) dtype: float32 (default on import), "
+                    "bfloat16, float16; on export the tensors' dtype (default: the params').")
+flags.DEFINE_string("tokenizer", None, "import: a tokenizer.json / tokenizer.model (or a "
+                    "directory holding one) to use instead of the model directory's.")
+flags.DEFINE_multi_string("set", [], "import: override a ModelConfig field, e.g. "
+                          "--set attention_impl=chunked --set scan_layers=false.")
+flags.DEFINE_bool("overwrite", False, "import: replace a model already in --workdir.")
+flags.DEFINE_integer("step", None, "export: checkpoint step (default: the latest).")
+flags.DEFINE_string("architecture", None, "export: GPT2LMHeadModel, LlamaForCausalLM, "
+                    "MistralForCausalLM or Phi3ForCausalLM (default: chosen from the config).")
+flags.DEFINE_string("max_shard_size", DEFAULT_MAX_SHARD_SIZE, "export: largest safetensors "
+                    "shard, e.g. 5GB or 200MB.")
+FLAGS = flags.FLAGS
+
+
+def _overrides(items) -> dict:
+  from model.summary import _parse_value
+
+  overrides = {}
+  for item in items:
+    if "=" not in item:
+      raise app.UsageError(f"--set expects field=value, got {item!r}")
+    key, value = item.split("=", 1)
+    overrides[key] = _parse_value(value)
+  return overrides
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"usage: python -m model.hf {{{'|'.join(COMMANDS)}}} --flags...; "
+                         f"got {argv[1:]}")
+  from model.hf import convert
+
+  if argv[1] == "import":
+    if not FLAGS.hf_dir or not FLAGS.workdir:
+      raise app.UsageError("import needs --hf_dir and --workdir")
+    cfg = convert.import_to_workdir(FLAGS.hf_dir, FLAGS.workdir, dtype=FLAGS.dtype,
+                                    tokenizer_path=FLAGS.tokenizer, overwrite=FLAGS.overwrite,
+                                    **_overrides(FLAGS.set))
+    from model.counting import count_params
+
+    print(f"imported {FLAGS.hf_dir} -> {FLAGS.workdir} ({count_params(cfg).total:,} params)")
+  else:
+    if not FLAGS.workdir or not FLAGS.out_dir:
+      raise app.UsageError("export needs --workdir and --out_dir")
+    if FLAGS.set:
+      raise app.UsageError("--set applies to import only")
+    arch = convert.export_workdir(FLAGS.workdir, FLAGS.out_dir, step=FLAGS.step,
+                                  architecture=FLAGS.architecture, dtype=FLAGS.dtype,
+                                  max_shard_size=FLAGS.max_shard_size)
+    print(f"exported {FLAGS.workdir} -> {FLAGS.out_dir} as {arch}")
+
+
+if __name__ == "__main__":
+  app.run(main)

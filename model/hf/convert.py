@@ -1,0 +1,83 @@
+"""Hugging Face model directory <-> workdir (what `python -m model.hf import|export` runs).
+
+  import   config.json + safetensors + tokenizer -> workdir/config.json (with a "source"
+           section: the HF directory, its architecture, its stop token ids),
+           workdir/tokenizer.json (or tokenizer.model), workdir/checkpoints/0/params
+  export   a workdir's latest (or given) checkpoint -> config.json + safetensors +
+           the tokenizer file; LoRA adapters in the checkpoint are merged into the weights
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+from flax import traverse_util
+
+from model.config import ModelConfig
+from model.hf import architecture_of, load, read_hf_config, save
+from model.hf.safetensors_io import DEFAULT_MAX_SHARD_SIZE
+from model.hf.tokenizer import export_tokenizer, install_tokenizer
+
+
+def import_to_workdir(hf_dir: str, workdir: str, *, dtype: str | None = None,
+                      tokenizer_path: str | None = None, overwrite: bool = False,
+                      **overrides) -> ModelConfig:
+  """Write a workdir holding the HF model in hf_dir; returns its ModelConfig."""
+  from train import workdir as wd
+
+  if os.path.exists(wd.config_path(workdir)) and not overwrite:
+    raise FileExistsError(f"{workdir} already holds a model ({wd.CONFIG_FILE}); choose another "
+                          "workdir or pass --overwrite")
+  architecture = architecture_of(read_hf_config(hf_dir))
+  cfg, params = load(hf_dir, dtype=dtype, **overrides)
+  tokenizer, stop_ids = install_tokenizer(hf_dir, workdir, tokenizer_path)
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                     f"embedding only {cfg.vocab_size} rows")
+  wd.save_params(workdir, params, step=0)
+  wd.write_config(workdir, cfg, tokenizer, source={
+      "format": "huggingface", "hf_dir": os.path.abspath(hf_dir), "architecture": architecture,
+      "stop_ids": stop_ids})
+  return cfg
+
+
+def merge_lora(cfg: ModelConfig, params, lora):
+  """Base params with every LoRA adapter folded in: W + (alpha / r) A B (stacked layers too)."""
+  flat = traverse_util.flatten_dict(params)
+  adapters = traverse_util.flatten_dict(lora)
+  scale = cfg.lora_alpha / cfg.lora_rank
+  for path, a in adapters.items():
+    if path[-1] != "a":
+      continue
+    b = adapters[path[:-1] + ("b",)]
+    kernel = flat[path[:-1] + ("kernel",)]
+    delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
+    flat[path[:-1] + ("kernel",)] = (kernel.astype(jnp.float32) + scale * delta).astype(
+        kernel.dtype)
+  return traverse_util.unflatten_dict(flat)
+
+
+def export_workdir(workdir: str, out_dir: str, *, step: int | None = None,
+                   architecture: str | None = None, dtype: str | None = None,
+                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> str:
+  """Write a workdir's checkpoint as an HF model directory; returns the architecture."""
+  from train import workdir as wd
+
+  cfg, params, lora, _ = wd.restore_params(workdir, step)
+  if lora is not None:
+    params = merge_lora(cfg, params, lora)
+  cfg = cfg.replace(lora_rank=0, lora_targets=())
+  tokenizer = wd.load_tokenizer(workdir)
+  token_ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+               "pad_token_id": tokenizer.pad_id}
+  source = wd.read_config(workdir).get("source", {})
+  # An imported model goes back out as the architecture it came from (unless told otherwise).
+  architecture = architecture or source.get("architecture")
+  stop_ids = source.get("stop_ids")
+  if stop_ids and len(stop_ids) > 1:
+    token_ids["eos_token_id"] = stop_ids
+  architecture = save(cfg, params, out_dir, architecture=architecture,
+                      dtype=dtype, max_shard_size=max_shard_size, token_ids=token_ids)
+  export_tokenizer(tokenizer, out_dir)
+  return architecture
