@@ -58,7 +58,7 @@ def logical_axes(cfg: ModelConfig, collection: str = "params"):
 
 def apply(cfg: ModelConfig, params, tokens_BT, *, positions_BT=None, segment_ids_BT=None,
           cache: KVCache | None = None, deterministic: bool = True, rng=None, lora=None,
-          return_intermediates: bool = False):
+          return_intermediates: bool = False, interventions=None):
   """Run the model on tokens_BT [B, T].
 
   Without a cache: causal (or bidirectional) attention over the T tokens;
@@ -67,6 +67,9 @@ def apply(cfg: ModelConfig, params, tokens_BT, *, positions_BT=None, segment_ids
   With a cache: the T tokens continue each row at slot cache.lengths_B (their
   positions by default); their K/V are written there and attention covers
   every filled slot. Returns the cache with lengths_B + T.
+
+  `interventions` (a `model.interventions.Interventions`) scales or replaces
+  chosen heads' outputs, MLP outputs or residual-stream positions.
 
   Returns (logits_BTV float32, cache or None), plus the sown intermediates
   (per-layer arrays stacked on a leading L axis) when return_intermediates.
@@ -106,6 +109,8 @@ def apply(cfg: ModelConfig, params, tokens_BT, *, positions_BT=None, segment_ids
       raise ValueError(f"apply: a position reaches max_seq_len={cfg.max_seq_len} of the learned "
                        "position table")
 
+  if interventions is not None:
+    interventions.check(cfg, b, t)
   model_cfg = cfg if (lora is not None and cfg.lora_rank) else _base(cfg)
   variables = {"params": params}
   if model_cfg.lora_rank:
@@ -118,7 +123,7 @@ def apply(cfg: ModelConfig, params, tokens_BT, *, positions_BT=None, segment_ids
       rngs["dropout"] = rng
   mutable = ["intermediates"] if return_intermediates else False
   out = Transformer(model_cfg, deterministic).apply(
-      variables, tokens_BT, positions_BT, mask, _kinds_L(cfg), kv, cache_start_B,
+      variables, tokens_BT, positions_BT, mask, _kinds_L(cfg), kv, cache_start_B, interventions,
       rngs=rngs, mutable=mutable)
   (logits_BTV, new_kv), state = out if return_intermediates else (out, None)
   new_cache = None

@@ -16,7 +16,8 @@ from typing import Any
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
-FFNS = ("relu", "gelu", "gelu_exact", "swiglu", "geglu")
+FFNS = ("relu", "gelu", "gelu_exact", "swiglu", "geglu", "none")
+MLP_LORA_TARGETS = ("up", "gate", "gate_up", "down")
 ATTENTION_KINDS = ("global", "local", "strided")
 ATTENTION_IMPLS = ("dense", "chunked", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -47,7 +48,7 @@ class ModelConfig:
       | "post" (norm after each residual add, as in Vaswani et al. 2017).
     norm_eps: epsilon inside the norm's square root.
     ffn: "relu" | "gelu" (tanh approximation, GPT-2) | "gelu_exact" |
-      "swiglu" | "geglu".
+      "swiglu" | "geglu" | "none" (no MLP sublayer: an attention-only model).
     attn_bias: biases on the q/k/v/o projections.
     mlp_bias: biases on the feed-forward projections.
     fused_qkv: one [D, (N + 2K) H] projection instead of three (Phi-3 layout).
@@ -141,7 +142,9 @@ class ModelConfig:
 
   @property
   def ffn_size(self) -> int:
-    """F: feed-forward hidden width."""
+    """F: feed-forward hidden width (0 for an attention-only model)."""
+    if self.ffn == "none":
+      return 0
     if self.d_ff is not None:
       return self.d_ff
     if self.gated_ffn:
@@ -216,6 +219,8 @@ class ModelConfig:
     for target in self.lora_targets:
       if target not in LORA_TARGETS:
         fail("lora_targets", f"unknown projection {target!r}; known: {LORA_TARGETS}")
+    if self.ffn == "none" and set(self.lora_targets) & set(MLP_LORA_TARGETS):
+      fail("lora_targets", "an attention-only model (ffn='none') has no MLP projections")
     if self.lora_rank > 0 and not self.lora_targets:
       fail("lora_targets", "lora_rank > 0 needs at least one target projection")
 

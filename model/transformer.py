@@ -46,7 +46,7 @@ class SelfAttention(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask: Mask, kv=None, cache_start_B=None):
+  def __call__(self, x_BTD, positions_BT, mask: Mask, kv=None, cache_start_B=None, iv=None):
     cfg = self.cfg
     b, t, _ = x_BTD.shape
     n, k, h = cfg.n_heads, cfg.kv_heads, cfg.head_size
@@ -89,14 +89,35 @@ class SelfAttention(nn.Module):
       o_BTNH = attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), mask,
                          impl=cfg.attention_impl, chunk_size=cfg.attn_chunk_size,
                          dropout_fn=dropout_fn)
+    # Interventions on heads (model/interventions.py): W_O is linear, so scaling or zeroing
+    # o_n before it scales or removes exactly head n's share; replaced heads add their value.
+    keep_BTN = None
+    if iv is not None and iv.head_scale_LN is not None:
+      keep_BTN = jnp.broadcast_to(iv.head_scale_LN, (b, t, n))
+    if iv is not None and iv.head_mask_LBTN is not None:
+      keep_BTN = jnp.where(iv.head_mask_LBTN, 0.0, 1.0 if keep_BTN is None else keep_BTN)
+    if keep_BTN is not None:
+      o_BTNH = o_BTNH * keep_BTN[..., None].astype(o_BTNH.dtype)
     o_proj = make_linear(cfg, "o", cfg.d_model, ("heads", "embed"), use_bias=cfg.attn_bias,
                          residual_out=True)
     out_BTD = o_proj(o_BTNH.reshape(b, t, n * h))
+    replaced_BTND = None
+    if iv is not None and iv.head_mask_LBTN is not None:
+      replaced_BTND = jnp.where(iv.head_mask_LBTN[..., None], iv.head_value_LBTND, 0.0)
+      out_BTD = out_BTD + replaced_BTND.sum(2).astype(out_BTD.dtype)
     if self.is_mutable_collection("intermediates"):
-      # Head n's share of the output: o_n W_O[n] (the bias is nobody's head).
-      w_NHD = o_proj.variables["params"]["kernel"].reshape(n, h, cfg.d_model)
-      self.sow("intermediates", "head_out",
-               jnp.einsum("BTNH,NHD->BTND", o_BTNH.astype(jnp.float32), w_NHD.astype(jnp.float32)))
+      # Head n's share of the output: o_n W_O[n] (the bias is nobody's head), with the
+      # LoRA update of W_O when it has one.
+      w_ID = o_proj.variables["params"]["kernel"].astype(jnp.float32)
+      if "lora" in o_proj.variables:
+        a_IR, b_RD = o_proj.variables["lora"]["a"], o_proj.variables["lora"]["b"]
+        w_ID = w_ID + (o_proj.lora_alpha / o_proj.lora_rank) * (
+            a_IR.astype(jnp.float32) @ b_RD.astype(jnp.float32))
+      head_out_BTND = jnp.einsum("BTNH,NHD->BTND", o_BTNH.astype(jnp.float32),
+                                 w_ID.reshape(n, h, cfg.d_model))
+      if replaced_BTND is not None:
+        head_out_BTND = head_out_BTND + replaced_BTND.astype(jnp.float32)
+      self.sow("intermediates", "head_out", head_out_BTND)
     return out_BTD, new_kv
 
 
@@ -110,22 +131,40 @@ class Block(nn.Module):
   def __call__(self, x_BTD, layer_in, positions_BT, mask: Mask, cache_start_B):
     cfg = self.cfg
     mask = mask.with_kind(layer_in["kind"])
+    iv = layer_in.get("iv")  # this layer's slice of an Interventions (model/interventions.py)
     attn = SelfAttention(cfg, self.deterministic, name="attn")
     drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+    if iv is not None and iv.resid_mask_LBT is not None:
+      x_BTD = jnp.where(iv.resid_mask_LBT[..., None], iv.resid_value_LBTD.astype(x_BTD.dtype),
+                        x_BTD)
     self.sow("intermediates", "resid_pre", x_BTD)
+
+    def mlp(x_BTD):
+      if cfg.ffn == "none":  # attention-only model
+        return jnp.zeros_like(x_BTD)
+      mlp_out = FeedForward(cfg, name="mlp")(
+          make_norm(cfg, "mlp_norm")(x_BTD) if cfg.norm_placement == "pre" else x_BTD)
+      if iv is not None and iv.mlp_scale_L is not None:
+        mlp_out = mlp_out * iv.mlp_scale_L.astype(mlp_out.dtype)
+      if iv is not None and iv.mlp_mask_LBT is not None:
+        mlp_out = jnp.where(iv.mlp_mask_LBT[..., None], iv.mlp_value_LBTD.astype(mlp_out.dtype),
+                            mlp_out)
+      return mlp_out
+
     if cfg.norm_placement == "pre":
       attn_out, new_kv = attn(make_norm(cfg, "attn_norm")(x_BTD), positions_BT, mask,
-                              layer_in.get("kv"), cache_start_B)
+                              layer_in.get("kv"), cache_start_B, iv)
       x_BTD = x_BTD + drop(attn_out)
       self.sow("intermediates", "resid_mid", x_BTD)
-      mlp_out = FeedForward(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_BTD))
+      mlp_out = mlp(x_BTD)
       x_BTD = x_BTD + drop(mlp_out)
     else:
-      attn_out, new_kv = attn(x_BTD, positions_BT, mask, layer_in.get("kv"), cache_start_B)
+      attn_out, new_kv = attn(x_BTD, positions_BT, mask, layer_in.get("kv"), cache_start_B, iv)
       x_BTD = make_norm(cfg, "attn_norm")(x_BTD + drop(attn_out))
       self.sow("intermediates", "resid_mid", x_BTD)
-      mlp_out = FeedForward(cfg, name="mlp")(x_BTD)
-      x_BTD = make_norm(cfg, "mlp_norm")(x_BTD + drop(mlp_out))
+      mlp_out = mlp(x_BTD)
+      if cfg.ffn != "none":
+        x_BTD = make_norm(cfg, "mlp_norm")(x_BTD + drop(mlp_out))
     self.sow("intermediates", "attn_out", attn_out)
     self.sow("intermediates", "mlp_out", mlp_out)
     self.sow("intermediates", "resid_post", x_BTD)
@@ -147,7 +186,8 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT, mask: Mask, layer_kinds_L, kv_LBSKH=None,
-               cache_start_B=None):
+               cache_start_B=None, interventions=None):
+    """`interventions`: an Interventions (model/interventions.py), sliced per layer like kv."""
     cfg = self.cfg
     embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, dtype_of(cfg.dtype),
                   dtype_of(cfg.param_dtype), name="embed")
@@ -164,6 +204,8 @@ class Transformer(nn.Module):
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed_act"))
 
     layer_in = {"kind": layer_kinds_L}
+    if interventions is not None:
+      layer_in["iv"] = interventions
     if kv_LBSKH is not None:
       layer_in["kv"] = kv_LBSKH
     block_cls = _block_class(cfg)
