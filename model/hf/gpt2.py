@@ -58,7 +58,6 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig, architecture: str = "GPT2LMHeadModel") -> dict:
-  hf_config.window_of(cfg, where=architecture)
   hf_config.check_exportable(cfg, architecture, {
       f"position must be 'learned', not {cfg.position!r}": cfg.position == "learned",
       f"norm must be 'layernorm', not {cfg.norm!r}": cfg.norm == "layernorm",

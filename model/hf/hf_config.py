@@ -79,6 +79,13 @@ def window_fields(hf: dict) -> dict:
   return {"attention_pattern": ("local",), "window_size": window}
 
 
+def uniform_attention(cfg: ModelConfig) -> dict[str, bool]:
+  """The export condition of `window_of`."""
+  return {f"per-layer attention {cfg.attention_pattern} has no HF spelling: every layer must "
+          "be global, or every layer local (sliding window)":
+          set(cfg.layer_kinds) in ({"global"}, {"local"})}
+
+
 def window_of(cfg: ModelConfig, *, where: str) -> int | None:
   """HF `sliding_window` of cfg: None if every layer is global, window_size if every one is
   local; anything else has no HF spelling in these architectures."""

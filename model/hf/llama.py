@@ -61,16 +61,19 @@ def config_from_hf(hf: dict) -> ModelConfig:
                            mlp_bias=bool(hf.get("mlp_bias", False)))
 
 
-def llama_like_hf(cfg: ModelConfig, architecture: str, model_type: str) -> dict:
-  """config.json fields shared by the Llama family (after the caller's checks)."""
-  window = hf_config.window_of(cfg, where=architecture)
+def llama_like_hf(cfg: ModelConfig, architecture: str, model_type: str,
+                  conditions: dict[str, bool]) -> dict:
+  """config.json fields shared by the Llama family; raises naming every failed condition
+  (the family's and the caller's)."""
   hf_config.check_exportable(cfg, architecture, {
       f"position must be 'rope', not {cfg.position!r}": cfg.position == "rope",
       f"norm must be 'rmsnorm', not {cfg.norm!r}": cfg.norm == "rmsnorm",
       "norm_placement must be 'pre'": cfg.norm_placement == "pre",
       "attention must be causal": cfg.causal,
       f"ffn must be swiglu or geglu, not {cfg.ffn!r}": cfg.gated_ffn,
+      **conditions,
   })
+  window = hf_config.window_of(cfg, where=architecture)
   out = {
       "architectures": [architecture], "model_type": model_type, "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_size,
@@ -90,15 +93,14 @@ def llama_like_hf(cfg: ModelConfig, architecture: str, model_type: str) -> dict:
 
 def config_to_hf(cfg: ModelConfig, architecture: str = "LlamaForCausalLM") -> dict:
   if architecture == "MistralForCausalLM":
-    hf_config.check_exportable(cfg, architecture, {
-        "Mistral has no attention or MLP biases": not (cfg.attn_bias or cfg.mlp_bias)})
-    out = llama_like_hf(cfg, architecture, "mistral")
+    out = llama_like_hf(cfg, architecture, "mistral", {
+        "Mistral has no attention or MLP biases": not (cfg.attn_bias or cfg.mlp_bias),
+        **hf_config.uniform_attention(cfg)})
     out["head_dim"] = cfg.head_size
     return out
-  hf_config.check_exportable(cfg, architecture, {
+  out = llama_like_hf(cfg, architecture, "llama", {
       "every layer must be global (sliding windows: MistralForCausalLM)":
           set(cfg.layer_kinds) == {"global"}})
-  out = llama_like_hf(cfg, architecture, "llama")
   out.update(attention_bias=cfg.attn_bias, mlp_bias=cfg.mlp_bias, head_dim=cfg.head_size)
   return out
 
