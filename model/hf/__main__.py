@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from model.hf.safetensors_io import DEFAULT_MAX_SHARD_SIZE
 
@@ -48,6 +48,8 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m model.hf {{{'|'.join(COMMANDS)}}} --flags...; "
                          f"got {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
   from model.hf import convert
 
   if argv[1] == "import":

@@ -63,7 +63,8 @@ def config_to_hf(cfg: ModelConfig, architecture: str = "GPT2LMHeadModel") -> dic
       f"norm must be 'layernorm', not {cfg.norm!r}": cfg.norm == "layernorm",
       "norm_placement must be 'pre'": cfg.norm_placement == "pre",
       "attention must be causal": cfg.causal,
-      f"ffn must be gelu, gelu_exact or relu, not {cfg.ffn!r}": not cfg.gated_ffn,
+      f"ffn must be gelu, gelu_exact or relu, not {cfg.ffn!r}":
+          cfg.ffn in hf_config.ACTIVATION_NAMES and not cfg.gated_ffn,
       "n_kv_heads must equal n_heads (no grouped-query attention in GPT-2)":
           cfg.kv_heads == cfg.n_heads,
       "head_dim * n_heads must equal d_model": cfg.head_size * cfg.n_heads == cfg.d_model,

@@ -143,18 +143,34 @@ def _none_if_unknown(piece_id: int, sp) -> int | None:
 
 
 def export_tokenizer(tokenizer, out_dir: str) -> None:
-  """Copy a workdir's tokenizer file into an HF directory (+ tokenizer_config.json)."""
+  """Write a workdir's tokenizer into an HF directory, for AutoTokenizer.from_pretrained.
+
+  A tokenizer.json gets a tokenizer_config.json naming its special tokens, and, when
+  the workdir prepends BOS but the file's own post-processor does not, a post-processor
+  that does (a plain fast tokenizer ignores add_bos_token).
+  """
   path = getattr(tokenizer, "path", None)
   if path is None:
     logging.warning("the byte tokenizer has no Hugging Face file; the export has no tokenizer")
     return
-  shutil.copyfile(path, os.path.join(out_dir, os.path.basename(path)))
+  target = os.path.join(out_dir, os.path.basename(path))
   if not path.endswith(".json"):
+    shutil.copyfile(path, target)
     return
+  from tokenizers import Tokenizer, processors
+
+  tok = Tokenizer.from_file(path)
+  if tokenizer.add_bos and tok.encode("a", add_special_tokens=True).ids[:1] != [tokenizer.bos_id]:
+    bos = tok.id_to_token(tokenizer.bos_id)
+    template = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1",
+                                             special_tokens=[(bos, tokenizer.bos_id)])
+    tok.post_processor = (template if tok.post_processor is None
+                          else processors.Sequence([tok.post_processor, template]))
+  tok.save(target)
   config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": tokenizer.add_bos}
   for field in ("bos", "eos", "pad"):
     token_id = getattr(tokenizer, f"{field}_id")
     if token_id is not None:
-      config[f"{field}_token"] = tokenizer.tok.id_to_token(token_id)
+      config[f"{field}_token"] = tok.id_to_token(token_id)
   with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
