@@ -139,3 +139,15 @@ def test_parse_size():
   assert parse_size(1234) == 1234
   with pytest.raises(ValueError, match="max_shard_size"):
     parse_size("big")
+
+
+def test_a_mapping_that_leaves_a_parameter_unfilled_is_caught(llama_dir):
+  """An architecture mapping must provide every parameter (all columns of it)."""
+  from model.hf import layout, llama
+  from model.hf.safetensors_io import SafetensorsReader
+
+  cfg = model.hf.load_config(llama_dir)
+  tensors = [t for t in llama.tensors(cfg) if t.name != "model.layers.1.self_attn.v_proj.weight"]
+  with SafetensorsReader(llama_dir) as reader, pytest.raises(
+      CheckpointError, match="no checkpoint tensor provides all of parameter layers_1/attn/v"):
+    layout.check_checkpoint(tensors, layout.param_shapes(cfg), reader, lambda name: False)

@@ -157,3 +157,11 @@ def test_config_json_spellings_of_rope(checkpoints, tmp_path):
   hf.update(rope_theta=1234.0, rope_scaling=None)
   (tmp_path / "config.json").write_text(json.dumps(hf))
   assert model.hf.load_config(str(tmp_path)).rope_theta == 1234.0
+
+
+def test_scanned_params_are_model_stack_layers_of_the_unrolled_ones(checkpoints):
+  path, _ = checkpoints["phi3-gqa"]
+  cfg, scanned = model.hf.load(path)
+  _, unrolled = model.hf.load(path, scan_layers=False)
+  same = jax.tree.map(np.array_equal, scanned, model.stack_layers(unrolled, cfg.n_layers))
+  assert all(jax.tree.leaves(same))

@@ -180,8 +180,10 @@ def read_params(cfg: ModelConfig, tensors: list[HFTensor], reader: SafetensorsRe
   """Our params, read leaf by leaf from the checkpoint and placed on device (or `shardings`).
 
   Scanned layers are stacked on the host one leaf at a time and sent to their
-  sharding from there (model.stack_layers' layout: 'layers' with L on axis 0), so
-  no leaf is ever gathered whole on a single device first.
+  sharding from there (model.stack_layers' layout: 'layers' with L on axis 0;
+  model.stack_layers itself would first gather each stacked leaf on one device),
+  so host memory holds one leaf plus one layer of it at a time, and no device
+  ever holds more than its shard.
   """
   from model.api import init
 
@@ -212,7 +214,9 @@ def read_params(cfg: ModelConfig, tensors: list[HFTensor], reader: SafetensorsRe
   flat = {}
   for path, want in abstract.items():
     if path[0] == "layers":
-      host = np.stack([leaf(i, path[1:]) for i in range(cfg.n_layers)])
+      host = np.empty(want.shape, dtype)  # filled layer by layer: one extra layer at most
+      for i in range(cfg.n_layers):
+        host[i] = leaf(i, path[1:])
     elif path[0].startswith("layers_"):
       host = leaf(int(path[0][len("layers_"):]), path[1:])
     else:
