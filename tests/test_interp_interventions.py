@@ -17,6 +17,10 @@ from model import interventions as iv_lib
 from tests import numpy_reference as ref
 from tests.conftest import tiny_config
 
+# Jitted once per config: far cheaper than running the model op by op.
+apply = jax.jit(model.apply, static_argnums=0, static_argnames="return_intermediates")
+init = jax.jit(model.init, static_argnums=0)
+init_lora = jax.jit(model.init_lora, static_argnums=0)
 TOKENS_BT = np.array([[3, 17, 5, 3, 17, 5, 9, 1, 0, 44], [60, 2, 2, 8, 31, 7, 7, 12, 50, 4]])
 
 CONFIGS = {
@@ -27,7 +31,7 @@ CONFIGS = {
 
 
 def _params(cfg, seed=0):
-  shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.PRNGKey(0)))
+  shapes = jax.eval_shape(lambda: init(cfg, jax.random.PRNGKey(0)))
   return jax.tree.map(jnp.asarray, ref.random_params(shapes, seed=seed, scale=0.3))
 
 
@@ -78,7 +82,7 @@ def _hand_forward(cfg, params, tokens_T):
 def test_intermediates_equal_hand_recomputation(name):
   cfg = CONFIGS[name]
   params = _params(cfg)
-  logits, _, sown = model.apply(cfg, params, TOKENS_BT, return_intermediates=True)
+  logits, _, sown = apply(cfg, params, TOKENS_BT, return_intermediates=True)
   sown = iv_lib.layer_intermediates(cfg, sown)
   if cfg.ffn == "none":
     assert "mlp" not in (params["layers"] if cfg.scan_layers else params["layers_0"])
@@ -96,7 +100,7 @@ def test_intermediates_equal_hand_recomputation(name):
 def base():
   cfg = tiny_config()
   params = _params(cfg, seed=1)
-  run = jax.jit(lambda ivs: model.apply(cfg, params, TOKENS_BT, interventions=ivs,
+  run = jax.jit(lambda ivs: apply(cfg, params, TOKENS_BT, interventions=ivs,
                                         return_intermediates=True))
   logits, _, sown = run(iv_lib.scale_heads(cfg, {}))
   return cfg, params, run, logits, iv_lib.layer_intermediates(cfg, sown)
@@ -139,7 +143,7 @@ def test_patching_every_head_and_mlp_with_clean_values(base):
   heads = [(i, c) for i in range(cfg.n_layers) for c in range(cfg.n_heads)]
   patched = iv_lib.combine(iv_lib.replace_heads(cfg, clean["head_out"], heads),
                            iv_lib.replace_mlps(cfg, clean["mlp_out"], range(cfg.n_layers)))
-  _, _, sown = model.apply(cfg, params, corrupt_BT, interventions=patched,
+  _, _, sown = apply(cfg, params, corrupt_BT, interventions=patched,
                            return_intermediates=True)
   sown = iv_lib.layer_intermediates(cfg, sown)
   np.testing.assert_allclose(sown["resid_post"][-1] - sown["resid_pre"][0],
@@ -147,15 +151,15 @@ def test_patching_every_head_and_mlp_with_clean_values(base):
   assert not np.allclose(sown["resid_pre"][0], clean["resid_pre"][0], atol=1e-2)
   # Replacing the whole residual stream entering layer 0 gives the clean run back.
   resid = iv_lib.replace_resid(cfg, clean["resid_pre"][0], layer=0, positions=None)
-  np.testing.assert_allclose(model.apply(cfg, params, corrupt_BT, interventions=resid)[0],
+  np.testing.assert_allclose(apply(cfg, params, corrupt_BT, interventions=resid)[0],
                              logits, atol=1e-4)
-  assert not np.allclose(model.apply(cfg, params, corrupt_BT)[0], logits, atol=1e-2)
+  assert not np.allclose(apply(cfg, params, corrupt_BT)[0], logits, atol=1e-2)
 
 
 def test_replacing_the_residual_at_one_position(base):
   cfg, params, _, logits, clean = base
   value_BTD = jnp.zeros_like(clean["resid_pre"][1])
-  got, _, sown = model.apply(cfg, params, TOKENS_BT, return_intermediates=True,
+  got, _, sown = apply(cfg, params, TOKENS_BT, return_intermediates=True,
                              interventions=iv_lib.replace_resid(cfg, value_BTD, 1, [6]))
   sown = iv_lib.layer_intermediates(cfg, sown)
   assert np.all(np.asarray(sown["resid_pre"][1, :, 6]) == 0)
@@ -173,7 +177,7 @@ def test_mlp_ablation_and_scan_equals_unrolled(base):
   np.testing.assert_array_equal(sown["resid_post"][0], sown["resid_mid"][0])
   np.testing.assert_array_equal(sown["mlp_out"][1] != 0, True)
   unrolled_cfg = cfg.replace(scan_layers=False)
-  unrolled, _ = model.apply(unrolled_cfg, model.unstack_layers(params, cfg.n_layers), TOKENS_BT,
+  unrolled, _ = apply(unrolled_cfg, model.unstack_layers(params, cfg.n_layers), TOKENS_BT,
                             interventions=ivs)
   np.testing.assert_allclose(unrolled, got, atol=1e-5)
 
@@ -181,9 +185,9 @@ def test_mlp_ablation_and_scan_equals_unrolled(base):
 def test_head_outputs_sum_to_the_attention_output_with_lora_on_w_o():
   cfg = tiny_config(lora_rank=2, lora_targets=("o", "q"))
   params = _params(cfg.replace(lora_rank=0, lora_targets=()), seed=2)
-  lora = model.init_lora(cfg, jax.random.PRNGKey(1))
+  lora = init_lora(cfg, jax.random.PRNGKey(1))
   lora = jax.tree.map(lambda a: a + 0.3, lora)  # B != 0: the adapters change W_O
-  _, _, sown = model.apply(cfg, params, TOKENS_BT, lora=lora, return_intermediates=True)
+  _, _, sown = apply(cfg, params, TOKENS_BT, lora=lora, return_intermediates=True)
   sown = iv_lib.layer_intermediates(cfg, sown)
   bias_LD = params["layers"]["attn"]["o"]["bias"]
   np.testing.assert_allclose(sown["head_out"].sum(3) + bias_LD[:, None, None],
@@ -197,11 +201,11 @@ def test_bad_interventions_are_rejected(base):
   with pytest.raises(ValueError, match="layer 5 out of range"):
     iv_lib.ablate_mlps(cfg, [5])
   with pytest.raises(ValueError, match="head_scale_LN: expected shape"):
-    model.apply(cfg, params, TOKENS_BT, interventions=iv_lib.Interventions(
+    apply(cfg, params, TOKENS_BT, interventions=iv_lib.Interventions(
         head_scale_LN=jnp.ones((3, cfg.n_heads))))
   with pytest.raises(ValueError, match="no MLP"):
     attn_only = tiny_config(ffn="none")
-    model.apply(attn_only, model.init(attn_only, jax.random.PRNGKey(0)), TOKENS_BT,
+    apply(attn_only, init(attn_only, jax.random.PRNGKey(0)), TOKENS_BT,
                 interventions=iv_lib.ablate_mlps(attn_only, [0]))
   with pytest.raises(ValueError, match="no MLP projections"):
     tiny_config(ffn="none", lora_rank=2, lora_targets=("up",))
