@@ -1,0 +1,28 @@
+"""A seconds-long run for tests: a 2-layer 32-wide model, byte tokenizer by default."""
+
+import ml_collections
+
+from train.config_lib import model_section
+from train.configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = default.get_config()
+  c.num_steps = 8
+  c.batch_size = 8
+  c.log_every = 2
+  c.eval_every = 4
+  c.eval_batches = 2
+  c.checkpoint_every = 4
+  c.async_checkpoints = False
+  c.progress_bar = False
+  c.tensorboard = True
+  c.peak_flops = 1e11
+  c.sample_tokens = 0
+  c.data.seq_len = 32
+  c.tokenizer.kind = "byte"
+  c.tokenizer.vocab_size = 320
+  c.optim.lr = 1e-2
+  c.optim.warmup_steps = 2
+  c.model = model_section(None, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+  return c

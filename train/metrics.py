@@ -1,0 +1,158 @@
+"""Metrics: per-interval reduction, metrics.jsonl, TensorBoard events, console progress.
+
+  writer = MetricsWriter(workdir)                   # only process 0 writes
+  writer.write(step, "train", {"loss": 2.1, ...})   # one JSON line + TensorBoard scalars
+  acc = IntervalAccumulator(); acc.add(metrics); acc.reduce_and_reset()
+
+Every line of metrics.jsonl is one JSON object with "step", "kind" ("train",
+"eval", "sample" or "summary"), "time" (seconds since the epoch) and the
+metrics: train lines carry loss, lr, grad_norm, param_norm, tokens_seen,
+tokens_per_sec, step_time_s, mfu; eval lines val_loss, val_ppl, val_bpb.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:
+  """The records of workdir/metrics.jsonl (those of `kind` only, if given)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return [r for r in records if kind is None or r.get("kind") == kind]
+
+
+def _jsonable(value):
+  if isinstance(value, (np.generic, np.ndarray)):
+    value = value.item() if np.ndim(value) == 0 else value.tolist()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN/inf; keep them readable
+  return value
+
+
+class MetricsWriter:
+  """Appends to metrics.jsonl and writes TensorBoard scalars (process 0 only)."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+
+  def write(self, step: int, kind: str, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), "kind": kind, "time": round(time.time(), 3)}
+    record.update({k: _jsonable(v) for k, v in metrics.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for name, value in metrics.items():
+        if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+          self._tb.add_scalar(f"{kind}/{name}", float(value), int(step))
+        elif isinstance(value, str) and kind == "sample":
+          self._tb.add_text(f"{kind}/{name}", value, int(step))
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+class IntervalAccumulator:
+  """Collects per-step device metrics; reduces them on the host once per interval.
+
+  Per-step values stay on device until `reduce_and_reset` (one transfer per
+  interval, no sync per step). Means for loss/grad_norm, the last value for
+  lr/param_norm, sums for tokens and nonfinite steps.
+  """
+
+  SUMS = ("tokens", "nonfinite")
+  LAST = ("lr", "param_norm")
+
+  def __init__(self):
+    self._pending: list[dict] = []
+
+  def __len__(self) -> int:
+    return len(self._pending)
+
+  def add(self, metrics: dict) -> None:
+    self._pending.append(metrics)
+
+  def count_nonfinite(self) -> int:
+    """Steps of the pending interval whose loss or gradient was not finite (a host sync)."""
+    return int(sum(jax.device_get([m["nonfinite"] for m in self._pending])))
+
+  def reduce_and_reset(self) -> dict[str, float]:
+    if not self._pending:
+      return {}
+    host = jax.device_get(self._pending)
+    self._pending = []
+    out = {}
+    for key in host[0]:
+      values = np.asarray([m[key] for m in host], np.float64)
+      if key in self.SUMS:
+        out[key] = float(values.sum())
+      elif key in self.LAST:
+        out[key] = float(values[-1])
+      else:
+        out[key] = float(values.mean())
+    out["steps"] = len(host)
+    return out
+
+
+class Progress:
+  """A console progress bar with ETA (tqdm) plus log lines that do not break it."""
+
+  def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+    self.enabled = enabled and jax.process_index() == 0
+    self.bar = None
+    if self.enabled:
+      from tqdm import tqdm
+
+      tty = sys.stderr.isatty()
+      self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                      mininterval=0.5 if tty else 30.0, file=sys.stderr, smoothing=0.1,
+                      bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
+                                 "{rate_fmt}{postfix}]")
+
+  def update(self, n: int = 1, **postfix) -> None:
+    if self.bar is not None:
+      if postfix:
+        self.bar.set_postfix(postfix, refresh=False)
+      self.bar.update(n)
+
+  def log(self, message: str) -> None:
+    if not (jax.process_index() == 0):
+      return
+    if self.bar is not None:
+      self.bar.write(message, file=sys.stderr)
+    else:
+      print(message, file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
