@@ -126,6 +126,7 @@ def test_init_shapes_and_statistics():
   params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.PRNGKey(0))
   assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(
       lambda x: (x.shape, x.dtype), param_shapes(cfg))
+  assert model.count_params(cfg).total == sum(x.size for x in jax.tree.leaves(params))
   layers = params["layers"]
   assert np.asarray(layers["attn"]["q"]["kernel"]).std() == pytest.approx(0.05, rel=0.1)
   assert np.asarray(params["embed"]["embedding"]).std() == pytest.approx(0.05, rel=0.1)
