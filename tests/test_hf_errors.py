@@ -151,3 +151,11 @@ def test_a_mapping_that_leaves_a_parameter_unfilled_is_caught(llama_dir):
   with SafetensorsReader(llama_dir) as reader, pytest.raises(
       CheckpointError, match="no checkpoint tensor provides all of parameter layers_1/attn/v"):
     layout.check_checkpoint(tensors, layout.param_shapes(cfg), reader, lambda name: False)
+
+
+def test_export_token_ids_must_be_in_the_vocabulary(tmp_path):
+  cfg = tiny_config()
+  with pytest.raises(ValueError, match=r"eos_token_id=\[3, 500\] outside the vocabulary"):
+    model.hf.save(cfg, {}, str(tmp_path), token_ids={"eos_token_id": [3, 500]})
+  with pytest.raises(ValueError, match="unknown field"):
+    model.hf.save(cfg, {}, str(tmp_path), token_ids={"eos": 3})

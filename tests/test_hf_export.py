@@ -5,7 +5,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -13,7 +12,7 @@ from safetensors import safe_open
 
 import model
 import model.hf
-from model.hf.convert import merge_lora
+from model.hf.convert import export_workdir
 from tests import hf_testlib as lib
 from tests.conftest import tiny_config
 
@@ -100,14 +99,22 @@ def test_bfloat16_export(imported, tmp_path):
   assert np.abs(lib.logits(hf.float(), lib.tokens()) - reference).max() < 0.5
 
 
-def test_merge_lora_folds_adapters_into_the_kernels():
-  cfg = tiny_config(lora_rank=2, lora_targets=("q", "v", "up"))
-  tokens = lib.tokens() % cfg.vocab_size
-  params = lib.init(cfg, jax.random.PRNGKey(0))
-  lora = jax.jit(model.init_lora, static_argnums=0)(cfg, jax.random.PRNGKey(1))
-  lora = jax.tree.map(lambda x: x + 0.1, lora)  # B starts at zero; make the adapters matter
-  apply = jax.jit(lambda p, a: model.apply(cfg, p, tokens, lora=a)[0])
-  with_adapters, base = apply(params, lora), apply(params, jax.tree.map(jnp.zeros_like, lora))
-  merged = apply(merge_lora(cfg, params, lora), jax.tree.map(jnp.zeros_like, lora))
-  assert np.abs(np.asarray(with_adapters) - np.asarray(base)).max() > 1e-3
-  np.testing.assert_allclose(np.asarray(merged), np.asarray(with_adapters), atol=1e-5)
+def test_export_of_a_workdir_with_lora_adapters_merges_them(imported, tmp_path):
+  """A fine-tuned workdir (base params + 'lora' item) exports as one plain HF model whose
+  logits are the adapted model's."""
+  from train import workdir as wd
+  from train.tokenizer import ByteTokenizer
+
+  base_cfg, params, _ = imported["llama-bias-tied"]
+  cfg = base_cfg.replace(lora_rank=2, lora_targets=("q", "v", "up"))
+  lora = jax.tree.map(lambda x: x + 0.1,  # B starts at zero; make the adapters matter
+                      jax.jit(model.init_lora, static_argnums=0)(cfg, jax.random.PRNGKey(1)))
+  workdir = str(tmp_path / "finetuned")
+  wd.write_config(workdir, cfg, ByteTokenizer())
+  wd.save_params(workdir, params, step=7, lora=lora)
+  assert export_workdir(workdir, str(tmp_path / "out")) == "LlamaForCausalLM"
+  adapted, _ = lib.forward(cfg, params, lib.tokens(), lora=lora)
+  base, _ = lib.forward(base_cfg, params, lib.tokens())
+  assert np.abs(np.asarray(adapted) - np.asarray(base)).max() > 1e-2
+  hf = lib.reload("llama", str(tmp_path / "out"))
+  assert np.abs(lib.logits(hf, lib.tokens()) - np.asarray(adapted)).max() <= TOL

@@ -145,6 +145,9 @@ def save(cfg: ModelConfig, params, out_dir: str, *, architecture: str | None = N
     raise ValueError(f"token_ids: unknown field(s) {unknown}; known: {TOKEN_ID_FIELDS}")
   # Written even when unknown (null): some HF configs default them to ids outside a small vocab.
   ids = {name: (token_ids or {}).get(name) for name in TOKEN_ID_FIELDS}
+  for name, value in ids.items():
+    if any(not 0 <= int(i) < cfg.vocab_size for i in np.atleast_1d(value or [])):
+      raise ValueError(f"token_ids: {name}={value} outside the vocabulary [0, {cfg.vocab_size})")
   hf.update(ids, **hf_config.dtype_fields(dtype))
   entries = tensor_entries(cfg, params, module.tensors(cfg), dtype)
   os.makedirs(out_dir, exist_ok=True)

@@ -9,11 +9,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
-import jax.numpy as jnp
-from flax import traverse_util
+import numpy as np
 
+from model import lora as lora_lib
 from model.config import ModelConfig
 from model.hf import architecture_of, load, read_hf_config, save
 from model.hf.safetensors_io import DEFAULT_MAX_SHARD_SIZE
@@ -42,22 +43,6 @@ def import_to_workdir(hf_dir: str, workdir: str, *, dtype: str | None = None,
   return cfg
 
 
-def merge_lora(cfg: ModelConfig, params, lora):
-  """Base params with every LoRA adapter folded in: W + (alpha / r) A B (stacked layers too)."""
-  flat = traverse_util.flatten_dict(params)
-  adapters = traverse_util.flatten_dict(lora)
-  scale = cfg.lora_alpha / cfg.lora_rank
-  for path, a in adapters.items():
-    if path[-1] != "a":
-      continue
-    b = adapters[path[:-1] + ("b",)]
-    kernel = flat[path[:-1] + ("kernel",)]
-    delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
-    flat[path[:-1] + ("kernel",)] = (kernel.astype(jnp.float32) + scale * delta).astype(
-        kernel.dtype)
-  return traverse_util.unflatten_dict(flat)
-
-
 def export_workdir(workdir: str, out_dir: str, *, step: int | None = None,
                    architecture: str | None = None, dtype: str | None = None,
                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> str:
@@ -66,7 +51,7 @@ def export_workdir(workdir: str, out_dir: str, *, step: int | None = None,
 
   cfg, params, lora, _ = wd.restore_params(workdir, step)
   if lora is not None:
-    params = merge_lora(cfg, params, lora)
+    params = lora_lib.merge(cfg, params, lora)
   cfg = cfg.replace(lora_rank=0, lora_targets=())
   tokenizer = wd.load_tokenizer(workdir)
   token_ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
@@ -77,6 +62,11 @@ def export_workdir(workdir: str, out_dir: str, *, step: int | None = None,
   stop_ids = source.get("stop_ids")
   if stop_ids and len(stop_ids) > 1:
     token_ids["eos_token_id"] = stop_ids
+  for name, value in token_ids.items():
+    if value is not None and any(not 0 <= i < cfg.vocab_size for i in np.atleast_1d(value)):
+      logging.warning("not exporting %s=%s: outside the model's vocabulary of %d", name, value,
+                      cfg.vocab_size)
+      token_ids[name] = None
   architecture = save(cfg, params, out_dir, architecture=architecture,
                       dtype=dtype, max_shard_size=max_shard_size, token_ids=token_ids)
   export_tokenizer(tokenizer, out_dir)
