@@ -69,6 +69,12 @@ def test_cli_import_makes_a_workdir_that_sample_runs_on_text(hf_dirs, tmp_path):
                 "--max_new_tokens=8", "--temperature=0")
   gen = Generator.from_workdir(workdir)
   assert sampled.rstrip("\n") == PROMPT + gen.generate(PROMPT, 8)
+  # bad input: one line naming the problem, exit status 1, no traceback
+  failed = subprocess.run([sys.executable, "-m", "model.hf", "import", f"--hf_dir={tmp_path}",
+                           f"--workdir={tmp_path / 'other'}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert failed.returncode == 1 and "Traceback" not in failed.stderr
+  assert f"error: {tmp_path}/config.json does not exist" in failed.stderr
 
 
 def test_tokenizer_round_trips_text_through_the_workdir(hf_dirs, tmp_path):
@@ -96,6 +102,19 @@ def test_gpt2_vocab_and_merges_files_become_the_same_tokenizer(hf_dirs, tmp_path
   assert tok.decode(tok.encode(TEXT)) == TEXT
   assert tok.encode("a<|endoftext|>b") == reference.encode("a<|endoftext|>b").ids
   assert (tok.bos_id, tok.eos_id, tok.add_bos) == (0, 0, False)
+
+
+def test_sentencepiece_tokenizer_model_is_installed(tmp_path):
+  """A directory with only tokenizer.model (older Llama/Mistral uploads)."""
+  from train.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+  hf_dir = tmp_path / "sp"
+  trained = train_sentencepiece(lib.CORPUS, str(hf_dir / "tokenizer.model"), vocab_size=300)
+  (hf_dir / "config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": 3}))
+  tok, stop_ids = install_tokenizer(str(hf_dir), str(tmp_path / "workdir"))
+  assert isinstance(tok, SentencePieceTokenizer) and stop_ids == [3]
+  assert os.path.exists(tmp_path / "workdir" / "tokenizer.model")
+  assert tok.encode(TEXT) == trained.encode(TEXT) and tok.decode(tok.encode(TEXT)) == TEXT
 
 
 def test_special_ids_follow_generation_config_then_config_then_tokenizer_config(tmp_path):

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags, logging
 
 from model.hf.safetensors_io import DEFAULT_MAX_SHARD_SIZE
@@ -50,9 +52,17 @@ def main(argv):
                          f"got {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
+  try:
+    return _run(argv[1])
+  except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad input: say what, no trace
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+
+
+def _run(command: str) -> int:
   from model.hf import convert
 
-  if argv[1] == "import":
+  if command == "import":
     if not FLAGS.hf_dir or not FLAGS.workdir:
       raise app.UsageError("import needs --hf_dir and --workdir")
     cfg = convert.import_to_workdir(FLAGS.hf_dir, FLAGS.workdir, dtype=FLAGS.dtype,
@@ -61,15 +71,16 @@ def main(argv):
     from model.counting import count_params
 
     print(f"imported {FLAGS.hf_dir} -> {FLAGS.workdir} ({count_params(cfg).total:,} params)")
-  else:
-    if not FLAGS.workdir or not FLAGS.out_dir:
-      raise app.UsageError("export needs --workdir and --out_dir")
-    if FLAGS.set:
-      raise app.UsageError("--set applies to import only")
-    arch = convert.export_workdir(FLAGS.workdir, FLAGS.out_dir, step=FLAGS.step,
-                                  architecture=FLAGS.architecture, dtype=FLAGS.dtype,
-                                  max_shard_size=FLAGS.max_shard_size)
-    print(f"exported {FLAGS.workdir} -> {FLAGS.out_dir} as {arch}")
+    return 0
+  if not FLAGS.workdir or not FLAGS.out_dir:
+    raise app.UsageError("export needs --workdir and --out_dir")
+  if FLAGS.set:
+    raise app.UsageError("--set applies to import only")
+  arch = convert.export_workdir(FLAGS.workdir, FLAGS.out_dir, step=FLAGS.step,
+                                architecture=FLAGS.architecture, dtype=FLAGS.dtype,
+                                max_shard_size=FLAGS.max_shard_size)
+  print(f"exported {FLAGS.workdir} -> {FLAGS.out_dir} as {arch}")
+  return 0
 
 
 if __name__ == "__main__":
