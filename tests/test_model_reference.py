@@ -49,8 +49,10 @@ def test_forward_matches_numpy_reference(name):
 
 
 def test_forward_with_params_from_model_init():
-  """The params model.init makes (biases 0, gains 1) also run the reference forward."""
-  cfg = CONFIGS["llama"].replace(attn_bias=True)
+  """The params model.init makes (biases 0, gains 1) run the reference forward; unrolled
+  layers; and count_params counts exactly the arrays init makes."""
+  cfg = CONFIGS["phi3-mqa-fused"].replace(attn_bias=True, scan_layers=False)
   params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.PRNGKey(3))
   expected = ref.forward(cfg, ref.convert_params(cfg, params), TOKENS_BT)
   np.testing.assert_allclose(_apply(cfg, params, TOKENS_BT)[0], expected, atol=1e-5)
+  assert model.count_params(cfg).total == sum(x.size for x in jax.tree.leaves(params))

@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 import model
 from model import sharding
 from model.counting import param_shapes
+from tests import numpy_reference as ref
 from tests.conftest import tiny_config
 
 # Every weight kind at once: GQA, fused qkv and gate/up, learned positions, untied head.
@@ -85,13 +86,16 @@ def test_concrete_shardings_on_a_2x2x2_mesh():
 
 def test_sharded_forward_equals_single_device():
   cfg = FULL_CFG
-  params = model.init(cfg, jax.random.PRNGKey(0))
+  params = ref.random_params(param_shapes(cfg))
   tokens_BT = np.random.RandomState(0).randint(0, cfg.vocab_size, (4, 8))
-  expected = np.asarray(model.apply(cfg, params, tokens_BT)[0])
+  apply = jax.jit(model.apply, static_argnums=0)
+  expected = np.asarray(apply(cfg, params, tokens_BT)[0])
   mesh = sharding.make_mesh((2, 2, 2))
   placed = jax.device_put(params, sharding.param_shardings(cfg, mesh))
+  assert placed["layers"]["mlp"]["gate_up"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
   tokens = jax.device_put(tokens_BT, sharding.batch_sharding(mesh))
-  logits = jax.jit(model.apply, static_argnums=0)(cfg, placed, tokens)[0]
+  logits = apply(cfg, placed, tokens)[0]
+  assert len(logits.sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5)
 
 
