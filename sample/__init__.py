@@ -9,9 +9,10 @@ See sample/README.md.
 """
 
 from sample.engine import Generation, generate, generate_ids, stream_ids
+from sample.generator import Generator
 from sample.strategies import Greedy, Sampling, Temperature, TopK, TopP
 
 __all__ = [
-    "Generation", "Greedy", "Sampling", "Temperature", "TopK", "TopP", "generate",
+    "Generation", "Generator", "Greedy", "Sampling", "Temperature", "TopK", "TopP", "generate",
     "generate_ids", "stream_ids",
 ]

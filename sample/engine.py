@@ -23,7 +23,7 @@ fit raises ValueError before anything runs; nothing is truncated.
 The no-cache mode (use_cache=False) recomputes the full forward pass over the
 tokens so far at every step (the textbook's slow path): the token buffer is
 [B, S] and each step runs the model on its first ceil(t / c) * c tokens
-(c = S / 8, chosen by `lax.switch`), so the cost grows with t as it should.
+(c = max(16, S / 8), chosen by `lax.switch`), so the cost grows with t as it should.
 
 Layers run unrolled while decoding (scan_layers=False on a copy of the
 config; parameters unstacked once per call, outside the loop): a scanned layer
@@ -167,8 +167,8 @@ def _last_logits(logits_BTV, lengths_B):
 
 
 def _prefix_sizes(s: int) -> tuple[int, ...]:
-  """Forward lengths of the no-cache mode: multiples of ceil(S / 8), up to S."""
-  c = max(MIN_PROMPT_BUCKET, math.ceil(s / 8))
+  """Forward lengths of the no-cache mode: multiples of ceil(S / 8) (at least 16), up to S."""
+  c = max(16, math.ceil(s / 8))
   return tuple(sorted({min(s, c * j) for j in range(1, math.ceil(s / c) + 1)}))
 
 
@@ -353,11 +353,11 @@ def _request(cfg, prompts_ids, max_new_tokens, sampling, stop_ids, lora, use_cac
                      f"got {sampling!r}")
   if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens:
     raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  if max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
   rows = _check_prompts(cfg, prompts_ids)
   lengths = [len(r) for r in rows]
-  shapes = plan(cfg, lengths, int(max_new_tokens), cache_len)
+  shapes = plan(cfg, lengths, max(int(max_new_tokens), 1), cache_len)
   prompts_BP = np.zeros((shapes.batch, shapes.prompt_len), np.int32)
   lengths_B = np.ones((shapes.batch,), np.int32)
   for r, ids in enumerate(rows):
@@ -406,6 +406,12 @@ def generate(cfg: ModelConfig, params, prompts_ids, max_new_tokens: int, *,
   """
   req = _request(cfg, prompts_ids, max_new_tokens, sampling, stop_ids, lora, use_cache,
                  cache_len, return_logprobs, return_logits)
+  if max_new_tokens == 0:
+    empty = [np.zeros((0,), np.float32)] * req.rows
+    return Generation([[] for _ in range(req.rows)], [False] * req.rows,
+                      empty if return_logprobs else None,
+                      [np.zeros((0, cfg.vocab_size), np.float32)] * req.rows
+                      if return_logits else None)
   state = _generate_jit(cfg, req.kind, req.opts, params, lora, req.prompts_BP, req.lengths_B,
                         req.done_B, np.int32(max_new_tokens), req.stop_ids, req.values,
                         _seed(seed))
@@ -438,6 +444,8 @@ def stream_ids(cfg: ModelConfig, params, prompts_ids, max_new_tokens: int, *,
     raise ValueError(f"chunk_size={chunk_size} must be >= 1")
   req = _request(cfg, prompts_ids, max_new_tokens, sampling, stop_ids, lora, use_cache,
                  cache_len, False, False)
+  if max_new_tokens == 0:
+    return
   dcfg, dparams, dlora = decode_model(cfg, params, lora)
   state = _prefill_jit(dcfg, req.kind, req.opts, dparams, dlora, req.prompts_BP, req.lengths_B,
                        req.done_B, req.stop_ids, req.values, _seed(seed))

@@ -151,7 +151,8 @@ def test_bad_prompts_get_clear_errors(tiny, bad, match):
 def test_bad_lengths_and_stops_get_clear_errors(tiny):
   cfg, params = tiny
   with pytest.raises(ValueError, match="max_new_tokens"):
-    engine.generate_ids(cfg, params, PROMPTS, 0)
+    engine.generate_ids(cfg, params, PROMPTS, -1)
+  assert engine.generate_ids(cfg, params, PROMPTS, 0) == [[], [], []]
   with pytest.raises(ValueError, match="stop id"):
     engine.generate_ids(cfg, params, PROMPTS, 4, stop_ids=(cfg.vocab_size,))
 

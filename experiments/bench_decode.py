@@ -1,0 +1,110 @@
+"""Decode throughput of the sampler: tokens/s at batch 1 and 8, random weights, float32.
+
+  python -m experiments.bench_decode                      # nanogpt-baby and gpt2-small
+  python -m experiments.bench_decode --presets=gpt2-small --batches=1 --repeats=5
+  python -m experiments.bench_decode --reference           # + Hugging Face generate() here
+
+Greedy decoding of --new_tokens tokens after an 8-token prompt (fewer when the
+model's context is shorter), timed after a compile/warm-up run; prints the best
+and the median of --repeats runs (the prefill is included in the time).
+`--reference` times transformers' GPT2LMHeadModel.generate() (KV cache, greedy,
+float32, same shapes) in the same process, so both see the same machine load.
+The load average is printed: on a shared machine, compare figures taken together.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("presets", ["nanogpt-baby", "gpt2-small"], "Model presets to time.")
+flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
+flags.DEFINE_integer("new_tokens", 128, "Tokens to generate per row (capped by the context).")
+flags.DEFINE_integer("prompt_len", 8, "Prompt tokens per row.")
+flags.DEFINE_integer("repeats", 5, "Timed runs per setting.")
+flags.DEFINE_bool("reference", False, "Also time Hugging Face transformers generate().")
+flags.DEFINE_integer("threads", 0, "torch threads for --reference (0: torch's default).")
+
+
+def _load() -> str:
+  return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def _time(fn, repeats):
+  fn()  # compile / warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times), statistics.median(times)
+
+
+def time_sampler(cfg, batch, prompt_len, new_tokens, repeats):
+  import jax
+  import numpy as np
+
+  import model
+  from sample import engine
+
+  params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.PRNGKey(0))
+  # The engine unrolls the layers once here, as sample.Generator does at load time.
+  dcfg, dparams, _ = engine.decode_model(cfg, params)
+  del params
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
+
+  def run():
+    out = engine.generate_ids(dcfg, dparams, prompts, new_tokens)
+    assert all(len(row) == new_tokens for row in out)
+
+  return _time(run, repeats)
+
+
+def time_reference(cfg, batch, prompt_len, new_tokens, repeats):
+  import torch
+  import transformers
+
+  if FLAGS.threads:
+    torch.set_num_threads(FLAGS.threads)
+  hf_cfg = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len,
+                                   n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+                                   bos_token_id=None, eos_token_id=None)
+  hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+  prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len))
+
+  def run():
+    with torch.no_grad():
+      hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                  pad_token_id=0)
+
+  return _time(run, repeats)
+
+
+def main(argv):
+  del argv
+  import model
+
+  print(f"# decode throughput, float32, greedy; {_load()}")
+  print(f"{'model':14s} {'params':>8s} {'batch':>5s} {'new':>5s} {'impl':>9s} "
+        f"{'best tok/s':>11s} {'median tok/s':>13s}")
+  for name in FLAGS.presets:
+    cfg = model.get_preset(name)
+    new = min(FLAGS.new_tokens, cfg.max_seq_len - FLAGS.prompt_len)
+    n_params = model.count_params(cfg).total
+    for batch in (int(b) for b in FLAGS.batches):
+      runners = [("sample", time_sampler)] + ([("hf", time_reference)] if FLAGS.reference else [])
+      for impl, timer in runners:
+        best, median = timer(cfg, batch, FLAGS.prompt_len, new, FLAGS.repeats)
+        print(f"{name:14s} {n_params / 1e6:7.1f}M {batch:5d} {new:5d} {impl:>9s} "
+              f"{batch * new / best:11.1f} {batch * new / median:13.1f}", flush=True)
+  print(f"# {_load()}")
+
+
+if __name__ == "__main__":
+  app.run(main)
