@@ -30,6 +30,9 @@ def _base(cfg: ModelConfig) -> ModelConfig:
 
 
 def _init_variables(cfg: ModelConfig, rng):
+  # Params do not depend on the kernel; the dense one lets a config for a GPU-only kernel
+  # ('cudnn') be initialized, counted, summarized and sharded on any host.
+  cfg = cfg.replace(attention_impl="dense")
   tokens_BT = jnp.zeros((1, 1), jnp.int32)
   slot_BT = jnp.zeros((1, 1), jnp.int32)
   mask = Mask.build(batch=1, q_slot_BT=slot_BT, kv_len=1, causal=cfg.causal,
