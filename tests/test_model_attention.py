@@ -208,8 +208,11 @@ def test_query_that_sees_nothing_gives_zero_in_every_kernel():
 
 
 def test_cudnn_impl_is_guarded_on_cpu():
+  """Running the cuDNN kernel off a GPU fails clearly; planning a GPU run (init, counting,
+  summary, shardings) works anywhere, since params do not depend on the kernel."""
   cfg = tiny_config(attention_impl="cudnn")
-  params = ref.random_params(param_shapes(tiny_config()))
+  params = ref.random_params(param_shapes(cfg))
+  assert model.count_params(cfg) == model.count_params(tiny_config())
   with pytest.raises(ValueError, match="cudnn.*needs an NVIDIA GPU"):
     model.apply(cfg, params, np.zeros((1, 4), np.int32))
   q, k, v = _qkv(4, 4, 4, 4)
