@@ -76,6 +76,12 @@ def test_concrete_shardings_on_a_2x2x2_mesh():
   assert divisible["embed"]["embedding"].spec == P("tensor", "fsdp")
   assert divisible["layers"]["attn"]["qkv"]["kernel"].spec == P(None, "fsdp", "tensor")
   assert divisible["layers"]["mlp"]["down"]["kernel"].spec == P(None, "tensor", "fsdp")
+  assert divisible["lm_head"]["kernel"].spec == P("fsdp", "tensor")
+  gqa = sharding.param_shardings(tiny_config(n_kv_heads=2, scan_layers=False), mesh)
+  assert gqa["layers_1"]["attn"]["k"]["kernel"].spec == P("fsdp", "tensor")
+  assert gqa["layers_1"]["attn"]["o"]["kernel"].spec == P("tensor", "fsdp")
+  assert gqa["layers_1"]["attn_norm"]["scale"].spec == P("fsdp")
+  assert gqa["pos_embedding"].spec == P(None, "fsdp")
   # vocab 61, d_ff 51 and K H = 5 are odd: those dimensions are replicated.
   odd = sharding.param_shardings(tiny_config(d_ff=51, n_kv_heads=1, head_dim=5), mesh)
   assert odd["embed"]["embedding"].spec == P(None, "fsdp")
