@@ -62,6 +62,8 @@ def main(argv):
   import jax
 
   if FLAGS.coordinator_address:
+    # CPU processes exchange arrays through gloo; accelerators use their own collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
   from train import config_lib

@@ -58,7 +58,7 @@ class Corpus:
   def describe(self) -> str:
     text = f"{len(self.documents)} documents, {self.num_bytes / 1e6:.2f} MB from {self.sources}"
     if self.skipped:
-      text += "; skipped: " + ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
+      text += "; skipped: " + _count_text(self.skipped)
     return text
 
   def fingerprint(self) -> str:
@@ -68,6 +68,10 @@ class Corpus:
       h.update(doc.name.encode("utf-8", "surrogatepass") + b"\0")
       h.update(doc.text.encode("utf-8", "surrogatepass") + b"\1")
     return h.hexdigest()
+
+
+def _count_text(counts: collections.Counter) -> str:
+  return ", ".join(f"{n} {why}" for why, n in sorted(counts.items()))
 
 
 def stdlib_root() -> str:
@@ -194,7 +198,7 @@ def read_corpus(spec: str | Iterable[str], *, jsonl_field: str = "text") -> Corp
   corpus = Corpus(documents, skipped, sources)
   if not documents:
     raise CorpusError(f"the corpus {sources} holds no usable text"
-                      + (f" (skipped: {dict(skipped)})" if skipped else ""))
+                      + (f" (skipped: {_count_text(skipped)})" if skipped else ""))
   return corpus
 
 

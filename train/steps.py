@@ -75,13 +75,14 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation,
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    param_norm = optax.global_norm(params)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            rng=state.rng)
     # A bad step changes nothing; the host sees nonfinite=1 and stops the run.
     new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
     metrics = {"loss": loss, "grad_norm": grad_norm,
-               "param_norm": optax.global_norm(new_state.params),
+               "param_norm": jnp.where(ok, param_norm, optax.global_norm(state.params)),
                "lr": jnp.asarray(schedule(state.step), jnp.float32),
                "tokens": total, "nonfinite": 1 - ok.astype(jnp.int32)}
     return new_state, metrics

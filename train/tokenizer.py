@@ -148,6 +148,23 @@ def train_sentencepiece(texts: Sequence[str], path: str, *, model_type: str = "b
   if not sample or total == 0:
     raise ValueError("cannot train a tokenizer on an empty text sample")
   proto = io.BytesIO()
+  try:
+    _train_sp(spm, proto, sample, total, model_type, vocab_size, byte_fallback,
+              character_coverage, num_threads)
+  except RuntimeError as e:
+    message = str(e).split("] ")[-1]
+    raise ValueError(f"training a {model_type} sentencepiece tokenizer with vocab_size="
+                     f"{vocab_size} failed: {message}") from e
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(proto.getvalue())
+  os.replace(tmp, path)
+  return SentencePieceTokenizer(path)
+
+
+def _train_sp(spm, proto, sample, total, model_type, vocab_size, byte_fallback,
+              character_coverage, num_threads):
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(sample), model_writer=proto, model_type=model_type,
       vocab_size=vocab_size, byte_fallback=byte_fallback, character_coverage=character_coverage,
@@ -156,12 +173,6 @@ def train_sentencepiece(texts: Sequence[str], path: str, *, model_type: str = "b
       max_sentence_length=max(total, 4192) + 1, hard_vocab_limit=model_type != "char",
       train_extremely_large_corpus=total > 50_000_000, num_threads=num_threads, minloglevel=2,
       **SP_SPECIAL_IDS)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(proto.getvalue())
-  os.replace(tmp, path)
-  return SentencePieceTokenizer(path)
 
 
 def token_byte_lengths(tokenizer: Tokenizer):

@@ -1,9 +1,12 @@
-"""A seconds-long run for tests: a 2-layer 32-wide model, byte tokenizer by default."""
+"""A seconds-long run for tests: a 2-layer 32-wide model on the stdlib's json package, bytes."""
+
+import os
 
 import ml_collections
 
 from train.config_lib import model_section
 from train.configs import default
+from train.corpus import stdlib_root
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -19,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.tensorboard = True
   c.peak_flops = 1e11
   c.sample_tokens = 0
+  c.data.corpus = os.path.join(stdlib_root(), "json", "*.py")  # ~50 kB of real code
+  c.data.split_chunk_chars = 2000
+  c.data.val_fraction = 0.2
   c.data.seq_len = 32
   c.tokenizer.kind = "byte"
   c.tokenizer.vocab_size = 320
