@@ -1,0 +1,169 @@
+"""From sweep records to every fit of the report: which points each law is fitted to.
+
+  L(N)     per model size, its lowest loss (the run with the most data), kept if that run saw
+           at least `tokens_per_param_split` tokens per parameter: the data-rich limit as far
+           as the sweep reaches it. N = non-embedding parameters.
+  L(D)     per token-budget level (budgets within `d_level_tol` of each other share a level),
+           its lowest loss (the largest model trained on that much data), kept if that run
+           saw at most `tokens_per_param_split` tokens per parameter.
+  L(C)     the compute frontier: runs no cheaper run beats; C = 6 N D, and again with C
+           counting attention and the LM head.
+  L(N, D)  every run (approach 3).
+  isoFLOP  runs grouped by their nominal budget (approach 2).
+
+A fit that lacks points is kept as the message of its InsufficientData, so a small sweep
+still gets a report that says what could not be fitted and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from experiments.scaling import fits
+from experiments.scaling.results import finite
+
+LOSS_KEYS = {"final": ("final_val_loss", "final_val_bpb"), "best": ("best_val_loss",
+                                                                      "best_val_bpb")}
+
+# Published values the report compares with.
+KAPLAN = {"aN": 0.076, "aD": 0.095, "aC": 0.050, "a": 0.73, "b": 0.27}  # arXiv:2001.08361
+CHINCHILLA = {"alpha": 0.34, "beta": 0.28, "E": 1.69, "A": 406.4, "B": 410.7,
+              "a": 0.46, "b": 0.54, "a2": 0.49, "b2": 0.51}  # arXiv:2203.15556 (approach 3; a2, b2:
+# approach 2)
+BESIROGLU = {"alpha": 0.35, "beta": 0.37, "E": 1.82, "A": 482.01, "B": 2085.43}  # arXiv:2404.10102
+
+
+@dataclasses.dataclass(frozen=True)
+class FitSettings:
+  loss: str = "final"  # "final" or "best" validation loss
+  n_boot: int = 1000  # bootstrap refits of the power laws and the isoFLOP fit
+  n_boot_parametric: int = 200  # refits of L(N, D) (each runs L-BFGS from several starts)
+  grid: dict[str, Any] | None = None  # L(N, D) initialization grid (None: Hoffmann et al.'s)
+  d_level_tol: float = 0.25
+  # L(N) wants data-rich runs, L(D) model-rich ones: per model size the best run counts for
+  # L(N) only with at least this many tokens per parameter, per token level for L(D) only with
+  # at most this many (Chinchilla's compute-optimal ratio is about 20).
+  tokens_per_param_split: float = 20.0
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class Analysis:
+  records: list[dict[str, Any]]  # the usable runs, sorted by (budget, N)
+  settings: FitSettings
+  n_params: np.ndarray  # N, non-embedding
+  tokens: np.ndarray  # D
+  flops_6nd: np.ndarray
+  flops: np.ndarray  # with attention and LM head
+  loss: np.ndarray
+  bpb: np.ndarray
+  budget: np.ndarray  # nan where a run has none
+  d_levels: np.ndarray
+  fits: dict[str, Any]  # name -> fit object, or the str saying why it could not be fitted
+  dropped: list[str]  # runs left out, with the reason
+
+  def fit(self, name: str):
+    """The fit object, or None when it could not be made (see `fits[name]`)."""
+    value = self.fits.get(name)
+    return None if isinstance(value, str) else value
+
+
+def _try(fit_fn, *args, **kwargs):
+  try:
+    return fit_fn(*args, **kwargs)
+  except fits.InsufficientData as e:
+    return str(e)
+
+
+def analyze(records: list[dict[str, Any]], settings: FitSettings | None = None) -> Analysis:
+  settings = settings or FitSettings()
+  if settings.loss not in LOSS_KEYS:
+    raise ValueError(f"loss={settings.loss!r}: must be one of {sorted(LOSS_KEYS)}")
+  loss_key, bpb_key = LOSS_KEYS[settings.loss]
+  needed = ("n_params_non_embedding", "tokens", "flops_6nd", "flops", loss_key)
+  usable = finite(records, *needed)
+  dropped = [f"{r.get('name')}: {loss_key} or sizes missing or not finite (diverged?)"
+             for r in records if r not in usable]
+  usable.sort(key=lambda r: (r.get("budget") or 0.0, r["n_params_non_embedding"]))
+
+  def column(key, default=np.nan):
+    return np.array([default if r.get(key) is None else float(r[key]) for r in usable])
+
+  a = Analysis(
+      records=usable, settings=settings, n_params=column("n_params_non_embedding"),
+      tokens=column("tokens"), flops_6nd=column("flops_6nd"), flops=column("flops"),
+      loss=column(loss_key), bpb=column(bpb_key), budget=column("budget"),
+      d_levels=np.zeros(len(usable), np.int64), fits={}, dropped=dropped)
+  if not usable:
+    message = "no finished runs with finite losses"
+    a.fits = {k: message for k in ("L(N)", "L(D)", "L(C)", "L(C_attn)", "L(N,D)", "isoflop")}
+    return a
+  a.d_levels = fits.group_levels(a.tokens, settings.d_level_tol)
+  boot = {"n_boot": settings.n_boot, "seed": settings.seed}
+
+  by_n, by_d = per_n_indices(a), per_d_indices(a)
+  a.fits["L(N)"] = _try(fits.fit_power_law, a.n_params[by_n], a.loss[by_n], variable="N", **boot)
+  a.fits["L(D)"] = _try(fits.fit_power_law, a.tokens[by_d], a.loss[by_d], variable="D", **boot)
+  for name, flops in (("L(C)", a.flops_6nd), ("L(C_attn)", a.flops)):
+    front = frontier_indices(a, name)
+    a.fits[name] = _try(fits.fit_power_law, flops[front], a.loss[front], variable="C", **boot)
+  a.fits["L(N,D)"] = _try(fits.fit_parametric, a.n_params, a.tokens, a.loss, grid=settings.grid,
+                          n_boot=settings.n_boot_parametric, seed=settings.seed)
+  in_group = np.isfinite(a.budget)
+  if in_group.sum() == 0:
+    a.fits["isoflop"] = "no run names a compute budget (Run.budget): not an isoFLOP sweep"
+  else:
+    a.fits["isoflop"] = _try(fits.fit_isoflop, a.n_params[in_group], a.loss[in_group],
+                             a.budget[in_group], **boot)
+  return a
+
+
+def frontier_indices(a: Analysis, which: str = "L(C)") -> np.ndarray:
+  flops = a.flops_6nd if which == "L(C)" else a.flops
+  return fits.pareto_frontier(flops, a.loss) if len(a.loss) else np.array([], np.int64)
+
+
+def per_n_indices(a: Analysis) -> np.ndarray:
+  """Per model size, its lowest-loss run, if that run is data-rich (D/N >= the split)."""
+  best = fits.best_per_level(np.unique(a.n_params, return_inverse=True)[1], a.loss)
+  return best[a.tokens[best] / a.n_params[best] >= a.settings.tokens_per_param_split]
+
+
+def per_d_indices(a: Analysis) -> np.ndarray:
+  """Per token level, its lowest-loss run, if that run is model-rich (D/N <= the split)."""
+  best = fits.best_per_level(a.d_levels, a.loss)
+  return best[a.tokens[best] / a.n_params[best] <= a.settings.tokens_per_param_split]
+
+
+def _estimates(obj) -> dict[str, Any]:
+  out = {}
+  for field in dataclasses.fields(obj):
+    value = getattr(obj, field.name)
+    if isinstance(value, fits.Estimate):
+      out[field.name] = dataclasses.asdict(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      out[field.name] = value
+  return out
+
+
+def summary_dict(a: Analysis) -> dict[str, Any]:
+  """Every fitted quantity as plain JSON: {fit: {quantity: {value, lo, hi, n_boot}} | {error}}."""
+  out: dict[str, Any] = {"n_runs": len(a.records), "loss": a.settings.loss,
+                         "dropped": a.dropped}
+  for name, fit in a.fits.items():
+    if isinstance(fit, str):
+      out[name] = {"error": fit}
+      continue
+    entry = _estimates(fit)
+    if isinstance(fit, fits.IsoFlopFit):
+      entry["profiles"] = [
+          {"budget": p.budget, "n_runs": len(p.n), "problem": p.problem, "r2": p.r2,
+           **{q: dataclasses.asdict(e) for q, e in est.items()}}
+          for p, est in zip(fit.profiles, fit.per_budget, strict=True)]
+    else:
+      entry["n_points"] = len(fit.loss)
+    out[name] = entry
+  return out

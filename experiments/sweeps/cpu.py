@@ -1,0 +1,58 @@
+"""cpu: the default scaling sweep, 20 runs on the embedded corpus in about half an hour on 2 cores.
+
+  python -m experiments.sweep --sweep=cpu --workdir=runs/sweeps/cpu
+  python -m experiments.scaling_fit --workdir=runs/sweeps/cpu
+
+Layout (approach 2 of Hoffmann et al. 2022): four compute budgets C = 6 N D, 2e11, 5e11,
+1.25e12 and 3e12 FLOPs (2.5x apart, 1.2 decades in all), and at each budget five
+consecutive rungs of the shape ladder (experiments/scaling/spec.py: L = 1, 2, 4; d = 32 L,
+48 L, 64 L; aspect ratio 32-64; 16-wide heads below d = 128, 32-wide from there) centred
+on N* = sqrt(C / (6 x 40)), i.e. 40 tokens per parameter, moved up the ladder where the
+smallest model would need more tokens than the corpus has. Each model trains on
+D = C / (6 N) tokens, so tokens per parameter run from ~1 to ~200 within a budget, and the
+sweep spans 12k - 790k non-embedding parameters (1.8 decades). 3.7e13 FLOPs in all with
+attention and the LM head (`--dry_run`): ~25 minutes at 25 GFLOP/s plus ~15 s of
+compilation and data loading per run.
+
+Recipe shared by every run: byte-level tokens of the Python standard library (12 MB;
+11.8M training tokens, so no run repeats data), sequences of 128 tokens in batches of 16
+(2,048 tokens per step), AdamW (b2 0.95, weight decay 0.1), warmup 5% of the run, cosine
+decay to 10% over the run's own length (as Chinchilla; a schedule longer than the run
+would overstate the loss), one seed, and a peak learning rate of 0.5 / d_model (below).
+Validation: the first 16 batches of 64 sequences of the held-out split (131k tokens, the
+same for every run), once at the end.
+"""
+
+from experiments.scaling import spec
+
+BASE_CONFIG = "train/configs/default.py"
+BATCH_SIZE, SEQ_LEN = 16, 128
+BUDGETS = (2e11, 5e11, 1.25e12, 3e12)
+TOKENS_PER_PARAM = 40.0
+MAX_TOKENS = 11e6  # the stdlib corpus has 11.8M training tokens (bytes): no run repeats data
+OVERRIDES = {
+    "data.corpus": "stdlib",
+    "tokenizer.kind": "byte",
+    "eval_batches": 16,
+    "eval_batch_size": 64,
+    "sample_tokens": 0,
+    "tensorboard": False,
+    "progress_bar": False,
+    "keep_checkpoints": 1,
+}
+
+
+# Peak learning rate 0.5 / d_model (Adam's muP scaling with width), from the lr_probe sweep
+# on this recipe: d = 32: 1.5e-2 beat 3e-2; d = 48: 1e-2 beat 3e-3 and 2e-2; d = 128 (L = 2):
+# 3e-3 beat 1e-3 and 1e-2. Kaplan et al.'s LR(N) (1.4e-3 - 1.9e-3 at these sizes, tuned for
+# 0.5M-token batches) is 2-7x lower and costs 0.2-0.6 nats at d = 48.
+learning_rate = spec.lr_inverse_width(0.5)
+
+
+def get_sweep() -> spec.Sweep:
+  model = spec.base_model_config(BASE_CONFIG, OVERRIDES, SEQ_LEN)
+  runs = spec.isoflop_runs(BUDGETS, spec.ladder(max_layers=4), model, per_budget=5,
+                           tokens_per_param=TOKENS_PER_PARAM, lr=learning_rate,
+                           tokens_per_step=BATCH_SIZE * SEQ_LEN, max_tokens=MAX_TOKENS)
+  return spec.Sweep("cpu", runs, base_config=BASE_CONFIG, batch_size=BATCH_SIZE,
+                    seq_len=SEQ_LEN, overrides=OVERRIDES, description=__doc__)

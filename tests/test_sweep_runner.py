@@ -1,0 +1,161 @@
+"""The sweep runner end to end on the `smoke` sweep: a fault mid-run, resume, skip, schema, fit.
+
+One module-scoped sweep workdir is built in three invocations (the expensive part: four
+short trainings), then inspected by the tests:
+  1. the first run is cut by an injected fault right after its first checkpoint;
+  2. `max_runs=1` resumes that run from the checkpoint and records it;
+  3. a full rerun skips it and runs the other two.
+"""
+
+import json
+import math
+import os
+
+import pytest
+
+from experiments import scaling_fit, sweep
+from experiments.scaling import analysis, spec
+from experiments.scaling.results import RECORD_FIELDS, read_records, results_path
+from tests.test_scaling_fits import SMALL_GRID
+
+SMOKE = "experiments/sweeps/smoke.py"
+
+
+class InjectedFault(RuntimeError):
+  pass
+
+
+def _metrics(workdir, name):
+  with open(os.path.join(workdir, "runs", name, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  import train.trainer
+  from train.checkpoints import Checkpointer
+
+  workdir = str(tmp_path_factory.mktemp("sweep"))
+  smoke_sweep = spec.load_sweep(SMOKE)
+  first = smoke_sweep.runs[0].name
+  saved = []
+
+  class FaultAfterFirstCheckpoint(Checkpointer):
+    def save(self, state, **kwargs):
+      wrote = super().save(state, **kwargs)
+      if wrote:
+        self.wait()
+        saved.append(int(state.step))
+        raise InjectedFault(f"killed after the checkpoint of step {int(state.step)}")
+      return wrote
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train.trainer, "Checkpointer", FaultAfterFirstCheckpoint)
+    with pytest.raises(InjectedFault):
+      sweep.run_sweep(smoke_sweep, workdir, sweep_path=SMOKE, command="first", log=lambda *_: None)
+  after_fault = {"records": read_records(results_path(workdir)),
+                 "metrics_lines": len(_metrics(workdir, first)), "checkpoint_step": saved[0]}
+  resumed = sweep.run_sweep(smoke_sweep, workdir, sweep_path=SMOKE, command="second", max_runs=1,
+                            log=lambda *_: None)
+  after_resume = {"record": dict(read_records(results_path(workdir))[0]),
+                  "metrics": _metrics(workdir, first)}
+  rest = sweep.run_sweep(smoke_sweep, workdir, sweep_path=SMOKE, command="third",
+                         log=lambda *_: None)
+  return dict(workdir=workdir, sweep=smoke_sweep, first=first, after_fault=after_fault,
+              resumed=resumed, after_resume=after_resume, rest=rest)
+
+
+def test_a_run_cut_mid_way_leaves_no_record_and_resumes_from_its_checkpoint(smoke):
+  fault = smoke["after_fault"]
+  assert fault["records"] == []
+  assert [r["name"] for r in smoke["resumed"]] == [smoke["first"]]
+  new_lines = smoke["after_resume"]["metrics"][fault["metrics_lines"]:]
+  first_new_step = min(m["step"] for m in new_lines if m["kind"] == "train")
+  assert first_new_step > fault["checkpoint_step"] > 0  # continued, not restarted at step 1
+  record = smoke["after_resume"]["record"]
+  steps = smoke["sweep"].steps(smoke["sweep"].runs[0])
+  assert record["steps"] == steps
+  assert record["tokens"] == steps * smoke["sweep"].tokens_per_step
+
+
+def test_a_finished_run_is_not_redone(smoke):
+  workdir, first = smoke["workdir"], smoke["first"]
+  assert [r["name"] for r in smoke["rest"]] == [r.name for r in smoke["sweep"].runs[1:]]
+  records = {r["name"]: r for r in read_records(results_path(workdir))}
+  assert records[first] == smoke["after_resume"]["record"]  # same record, same finished_at
+  assert _metrics(workdir, first) == smoke["after_resume"]["metrics"]  # no training since
+  with open(results_path(workdir)) as f:
+    assert len(f.readlines()) == 3
+  again = sweep.run_sweep(smoke["sweep"], workdir, log=lambda *_: None)
+  assert again == []
+
+
+def test_records_carry_the_documented_schema(smoke):
+  workdir = smoke["workdir"]
+  for r in read_records(results_path(workdir)):
+    assert set(RECORD_FIELDS) <= set(r), set(RECORD_FIELDS) - set(r)
+    assert r["status"] == "completed" and r["sweep"] == "smoke"
+    assert 0 < r["n_params_non_embedding"] < r["n_params"]
+    assert r["flops_6nd"] == pytest.approx(6 * r["n_params_non_embedding"] * r["tokens"])
+    assert r["flops"] == pytest.approx(r["summary"]["flops_per_token"] * r["tokens"])
+    assert r["flops"] > r["flops_6nd"]
+    assert r["budget"] == 4e8 and r["flops_6nd"] == pytest.approx(4e8, rel=0.1)
+    for key in ("final_val_loss", "best_val_loss", "final_val_bpb", "best_val_bpb"):
+      assert math.isfinite(r[key]) and r[key] > 0
+    assert r["best_val_loss"] <= r["final_val_loss"]
+    assert os.path.exists(os.path.join(workdir, r["metrics_path"]))
+    assert r["val_curve"][-1][0] == r["steps"] and r["train_curve"][-1][0] == r["steps"]
+    assert r["config"]["num_steps"] == r["steps"] and r["config"]["optim"]["lr"] == r["lr"]
+    assert r["config_hash"] == sweep.config_hash(r["config"])
+    assert r["wall_time_s"] > 0 and r["runner_wall_time_s"] > 0 and len(r["load_average"]) == 3
+  with open(os.path.join(workdir, sweep.SWEEP_META_FILE)) as f:
+    meta = json.load(f)
+  assert meta["command"] == "first"  # the first invocation's command and start are kept
+  assert [i["command"] for i in meta["invocations"]][:3] == ["first", "second", "third"]
+  assert [r["name"] for r in meta["runs"]] == [r.name for r in smoke["sweep"].runs]
+
+
+def test_fit_and_report_run_on_the_smoke_results(smoke, tmp_path):
+  settings = analysis.FitSettings(n_boot=50, n_boot_parametric=5, grid=SMALL_GRID)
+  summary = scaling_fit.fit_and_report(workdir=smoke["workdir"], out=str(tmp_path),
+                                       settings=settings, command="fit")
+  assert summary["n_runs"] == 3
+  assert "needs at least 6 runs; got 3" in summary["L(N,D)"]["error"]
+  assert ">= 2 budgets" in summary["isoflop"]["error"]
+  text = (tmp_path / "report.md").read_text()
+  assert "first" in text and "Scaling laws: sweep `smoke`" in text  # the sweep's command
+  assert (tmp_path / "isoflop.png").exists()
+
+
+def test_an_edited_sweep_is_refused(smoke):
+  edited = spec.Sweep("smoke", [
+      spec.Run(r.name, r.shape, r.tokens, r.lr * 2, r.seed, r.budget) for r in smoke["sweep"].runs
+  ], base_config=smoke["sweep"].base_config, batch_size=smoke["sweep"].batch_size,
+      seq_len=smoke["sweep"].seq_len, overrides=smoke["sweep"].overrides)
+  with pytest.raises(spec.SweepError, match="different config"):
+    sweep.run_sweep(edited, smoke["workdir"], log=lambda *_: None)
+
+
+def test_an_interrupted_run_stops_the_sweep_without_a_record(tmp_path, monkeypatch):
+  import train.trainer
+
+  calls = []
+
+  def interrupted(config, workdir):
+    calls.append(workdir)
+    return {"status": "interrupted by SIGTERM"}
+
+  monkeypatch.setattr(train.trainer, "train_and_evaluate", interrupted)
+  written = sweep.run_sweep(spec.load_sweep(SMOKE), str(tmp_path), log=lambda *_: None)
+  assert written == [] and len(calls) == 1
+  assert read_records(results_path(str(tmp_path))) == []
+
+
+def test_plan_and_sweep_names():
+  assert sweep.resolve_sweep_path("cpu") == os.path.join("experiments", "sweeps", "cpu.py")
+  assert sweep.resolve_sweep_path("my/sweep.py") == "my/sweep.py"
+  smoke_sweep = spec.load_sweep(SMOKE)
+  rows = sweep.plan(smoke_sweep)
+  text = sweep.format_plan(rows, {rows[0]["name"]})
+  assert all(r.name in text for r in smoke_sweep.runs)
+  assert "done" in text and "3 runs" in text
