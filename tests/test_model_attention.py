@@ -78,10 +78,10 @@ def _output(q, k, v, mask, impl):
 # ---- the dense kernel and the mask patterns ----------------------------------------------
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("n_kv", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("n_kv", [6, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_dense_kernel_matches_reference_and_is_zero_outside_the_pattern(kind, causal, n_kv):
   t = 9
-  q, k, v = _qkv(t, t, 4, n_kv)
+  q, k, v = _qkv(t, t, 6, n_kv)
   mask = _mask(t, t, kind, causal)
   out, w_BNTS = jax.jit(functools.partial(attn_lib.dense_attention, return_weights=True))(
       q, k, v, mask)
@@ -118,7 +118,7 @@ def test_kernels_causal_and_bidirectional(impl):
   """For every pattern: changing q/k/v at slots >= 6 leaves causal outputs before 6 unchanged;
   bidirectional outputs before 6 do change. (Shapes as in KERNEL_CASES: compiled once.)"""
   t, t0 = 10, 6
-  q, k, v = _qkv(t, t, 4, 2)
+  q, k, v = _qkv(t, t, 6, 2)
   q2, k2, v2 = (a.at[:, t0:].add(1.0) for a in (q, k, v))
   for kind in KINDS:
     for causal in (True, False):
@@ -155,23 +155,24 @@ def test_model_causality_for_every_pattern_and_impl(causal):
 # ---- kernels against the dense reference ---------------------------------------------------
 # (t, s, n, k, kind, causal, segments, q_start, kv_len, block). Cases with equal shapes and
 # equal `causal` share one compiled kernel: kind and segments are data, not static arguments.
+# N = 6 query heads over K = 2 kv heads (G = 3 != K, so a swapped (K, G) grouping shows).
 _SEG = np.array([[0, 0, 0, 1, 1, 1, 1, 2, 2, 2], [5, 5, 5, 5, 5, 5, 6, 6, 7, 7]])
 KERNEL_CASES = {
     # T = 10 with blocks of 4: the last block is padded.
-    "global-gqa": (10, 10, 4, 2, "global", True, None, None, None, 4),
-    "local-gqa": (10, 10, 4, 2, "local", True, None, None, None, 4),
-    "strided-gqa": (10, 10, 4, 2, "strided", True, None, None, None, 4),
-    "segments-global-gqa": (10, 10, 4, 2, "global", True, _SEG, None, None, 4),
-    "segments-strided-gqa": (10, 10, 4, 2, "strided", True, _SEG, None, None, 4),
-    "bidirectional-global-gqa": (10, 10, 4, 2, "global", False, None, None, None, 4),
-    "bidirectional-local-gqa": (10, 10, 4, 2, "local", False, None, None, None, 4),
-    "bidirectional-segments-strided-gqa": (10, 10, 4, 2, "strided", False, _SEG, None, None, 4),
+    "global-gqa": (10, 10, 6, 2, "global", True, None, None, None, 4),
+    "local-gqa": (10, 10, 6, 2, "local", True, None, None, None, 4),
+    "strided-gqa": (10, 10, 6, 2, "strided", True, None, None, None, 4),
+    "segments-global-gqa": (10, 10, 6, 2, "global", True, _SEG, None, None, 4),
+    "segments-strided-gqa": (10, 10, 6, 2, "strided", True, _SEG, None, None, 4),
+    "bidirectional-global-gqa": (10, 10, 6, 2, "global", False, None, None, None, 4),
+    "bidirectional-local-gqa": (10, 10, 6, 2, "local", False, None, None, None, 4),
+    "bidirectional-segments-strided-gqa": (10, 10, 6, 2, "strided", False, _SEG, None, None, 4),
     # A partially filled KV cache (S = 16 slots): 3 new queries at slots 2.. and 8.. (a
     # prefill chunk, one query block larger than T), then one-token decodes.
-    "cache-chunk-global": (3, 16, 4, 2, "global", True, None, [2, 8], [5, 11], 8),
-    "cache-decode-global": (1, 16, 4, 2, "global", True, None, [4, 10], [5, 11], 4),
-    "cache-decode-local": (1, 16, 4, 2, "local", True, None, [4, 10], [5, 11], 4),
-    "cache-decode-strided": (1, 16, 4, 2, "strided", True, None, [7, 12], [8, 13], 4),
+    "cache-chunk-global": (3, 16, 6, 2, "global", True, None, [2, 8], [5, 11], 8),
+    "cache-decode-global": (1, 16, 6, 2, "global", True, None, [4, 10], [5, 11], 4),
+    "cache-decode-local": (1, 16, 6, 2, "local", True, None, [4, 10], [5, 11], 4),
+    "cache-decode-strided": (1, 16, 6, 2, "strided", True, None, [7, 12], [8, 13], 4),
 }
 
 
@@ -196,7 +197,7 @@ def test_chunked_and_xla_equal_dense_forward_and_gradients(case):
 
 
 def test_query_that_sees_nothing_gives_zero_in_every_kernel():
-  q, k, v = _qkv(1, 16, 4, 2)
+  q, k, v = _qkv(1, 16, 6, 2)
   mask = _mask(1, 16, "global", q_start=[0, 10], kv_len=np.array([0, 11]))  # row 0: no keys
   for impl in IMPLS:
     out = np.asarray(_output(q, k, v, mask, impl))
@@ -234,7 +235,7 @@ def test_gqa_with_k_equal_n_is_mha():
 def test_gqa_equals_mha_with_each_kv_head_repeated(n_kv):
   """K kv heads shared by G = N / K query heads == MHA whose K/V weights repeat each kv head
   G times (what Hugging Face's repeat_kv does at run time; here nothing is repeated)."""
-  gqa = tiny_config(n_kv_heads=n_kv, position="rope")
+  gqa = tiny_config(n_heads=8, n_kv_heads=n_kv, position="rope")  # G = 8 / K != K
   mha = gqa.replace(n_kv_heads=None)
   g, h = mha.n_heads // n_kv, mha.head_size
   params = ref.random_params(param_shapes(gqa), seed=5)

@@ -95,6 +95,16 @@ def test_ragged_prompts_right_padded_then_lengths_replaced(name):
                                  err_msg=f"row {b} step {i}")
 
 
+def test_bidirectional_prefill_sees_only_the_filled_slots():
+  """Causal attention never looks past its own slot; a bidirectional model would, so only
+  the cache's filled length keeps the empty slots out."""
+  cfg = tiny_config(causal=False, position="rope")
+  params = _params(cfg, seed=6)
+  tokens = np.random.RandomState(7).randint(0, 61, (2, PROMPT))
+  cached, cache = _apply(cfg, params, tokens, cache=model.init_cache(cfg, 2, SLOTS))
+  np.testing.assert_allclose(cached, _apply(cfg, params, tokens)[0], atol=1e-5)
+
+
 def test_overflow_raises_with_concrete_lengths():
   cfg = tiny_config(n_layers=1)
   params = _params(cfg)

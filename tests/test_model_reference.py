@@ -23,8 +23,8 @@ CONFIGS = {
     "phi3-mqa-fused": tiny_config(position="rope", rope_theta=500.0, norm="rmsnorm",
                                   ffn="swiglu", n_kv_heads=1, fused_qkv=True, fused_gate_up=True,
                                   tie_embeddings=False, attn_bias=False, mlp_bias=False),
-    "nopos-gelu_exact-head_dim": tiny_config(position="none", ffn="gelu_exact", head_dim=6,
-                                             n_kv_heads=2),
+    "nopos-gelu_exact-head_dim": tiny_config(position="none", ffn="gelu_exact", n_heads=6,
+                                             head_dim=6, n_kv_heads=2),  # N H != D, G != K
     "patterns-geglu": tiny_config(n_layers=3, attention_pattern=("global", "local", "strided"),
                                   window_size=3, sparse_stride=3, ffn="geglu", position="rope"),
     "bidirectional": tiny_config(causal=False, n_layers=3,

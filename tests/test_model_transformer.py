@@ -92,16 +92,25 @@ def test_dropout_only_when_not_deterministic():
   with pytest.raises(ValueError, match="needs an rng"):
     _apply(DROPOUT, params, TOKENS, deterministic=False)
 
-  def train(cfg, seed):
+  def train(seed):
     # An "rbg" key: the same dropout code, a few seconds less to compile than threefry.
-    return np.asarray(_apply(cfg, params, TOKENS, deterministic=False,
-                             rng=jax.random.key(seed, impl="rbg"))[0])
+    logits, _, inter = _apply(DROPOUT, params, TOKENS, deterministic=False,
+                              rng=jax.random.key(seed, impl="rbg"), return_intermediates=True)
+    return np.asarray(logits), jax.tree.map(np.asarray, inter["layers"])
 
-  a, a_again, b = train(DROPOUT, 1), train(DROPOUT, 1), train(DROPOUT, 2)
+  (a, layers), (a_again, _), (b, _) = train(1), train(1), train(2)
   np.testing.assert_array_equal(a, a_again)
   assert np.abs(a - b).max() > 1e-3 and np.abs(a - plain).max() > 1e-3
-  # Dropout on the attention weights alone is active too.
-  assert np.abs(train(DROPOUT.replace(dropout_rate=0.0), 1) - plain).max() > 1e-3
+  # Each dropout site is active: the embeddings, ...
+  x0 = params["embed"]["embedding"][TOKENS] + params["pos_embedding"][:TOKENS.shape[1]]
+  dropped = layers["resid_pre"][0] == 0
+  assert 0.02 < dropped.mean() < 0.3
+  np.testing.assert_allclose(layers["resid_pre"][0][~dropped], (x0 / 0.9)[~dropped], rtol=1e-5)
+  # ... the attention weights (rows no longer sum to 1), ...
+  assert np.abs(layers["attn"]["attn_weights"].sum(-1) - 1).max() > 0.05
+  # ... and both residual branches (the sown outputs are taken before dropout).
+  assert np.abs(layers["resid_mid"] - layers["resid_pre"] - layers["attn_out"]).max() > 1e-3
+  assert np.abs(layers["resid_post"] - layers["resid_mid"] - layers["mlp_out"]).max() > 1e-3
 
 
 # ---- dtypes ------------------------------------------------------------------------------------
