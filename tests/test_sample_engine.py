@@ -195,7 +195,7 @@ def test_stream_chunks_concatenate_to_generate(tiny):
 def test_lora_adapters_change_and_drive_the_decode():
   cfg = tiny_config(init_std=0.5, lora_rank=2, lora_targets=("q", "v", "up"))
   params = init(cfg, jax.random.PRNGKey(0))
-  lora = model.init_lora(cfg, jax.random.PRNGKey(1))
+  lora = jax.jit(model.init_lora, static_argnums=0)(cfg, jax.random.PRNGKey(1))
   lora = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.PRNGKey(2), x.shape),
                       lora)  # B = 0 at init would make the adapters a no-op
   expected = argmax_loop(cfg, params, PROMPTS, 8, lora)

@@ -25,7 +25,7 @@ def make_workdir(path, cfg=CFG, lora=False):
   params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.PRNGKey(0))
   adapters = None
   if lora:
-    adapters = model.init_lora(cfg, jax.random.PRNGKey(1))
+    adapters = jax.jit(model.init_lora, static_argnums=0)(cfg, jax.random.PRNGKey(1))
     adapters = jax.tree.map(lambda x: x + 0.3, adapters)  # B = 0 at init would be a no-op
   write_config(str(path), cfg, ByteTokenizer())
   save_params(str(path), params, step=7, lora=adapters)
