@@ -1,6 +1,7 @@
 """Fit scaling laws to a sweep's results and write report.md, fits.json and PNG figures.
 
   python -m experiments.scaling_fit --workdir=runs/sweeps/cpu [--out=DIR] [--loss=final|best]
+      [--params=non_embedding|total] [--n_boot=1000] [--grid=chinchilla|small]
 
 Reads WORKDIR/results.jsonl (written by `python -m experiments.sweep`) or --results=FILE;
 writes into --out (default: the workdir). See experiments/scaling/README.md.
@@ -85,7 +86,7 @@ def main(argv):
   from absl import flags
 
   f = flags.FLAGS
-  settings = analysis.FitSettings(loss=f.loss, n_boot=f.n_boot,
+  settings = analysis.FitSettings(loss=f.loss, params=f.params, n_boot=f.n_boot,
                                   n_boot_parametric=f.n_boot_parametric, grid=GRIDS[f.grid],
                                   d_level_tol=f.d_level_tol, seed=f.seed)
   summary = fit_and_report(workdir=f.workdir, results=f.results, out=f.out, settings=settings)
@@ -103,6 +104,8 @@ def _define_flags():
   flags.DEFINE_string("results", None, "a results.jsonl to read instead of WORKDIR/results.jsonl")
   flags.DEFINE_string("out", None, "where report.md, fits.json and the PNGs go (default: workdir)")
   flags.DEFINE_enum("loss", "final", list(analysis.LOSS_KEYS), "which validation loss to fit")
+  flags.DEFINE_enum("params", "non_embedding", list(analysis.PARAM_KEYS),
+                    "N counts non-embedding (Kaplan) or all parameters")
   flags.DEFINE_integer("n_boot", 1000, "bootstrap refits for the power laws and isoFLOP fit")
   flags.DEFINE_integer("n_boot_parametric", 200, "bootstrap refits of L(N, D)")
   flags.DEFINE_enum("grid", "chinchilla", list(GRIDS), "L(N, D) initialization grid")

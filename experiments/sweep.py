@@ -141,9 +141,9 @@ def make_record(sweep: spec.Sweep, run: spec.Run, config, summary: dict[str, Any
   fpt = summary.get("flops_per_token")
   return {
       "schema_version": 1, "sweep": sweep.name, "name": run.name, "status": status,
-      "budget": run.budget, "n_layers": run.shape.n_layers, "d_model": run.shape.d_model,
-      "n_heads": run.shape.n_heads, "n_params": summary.get("n_params"),
-      "n_params_non_embedding": n, "tokens": tokens,
+      "budget": run.budget, "budget_flops": sweep.budget_flops,
+      "n_layers": run.shape.n_layers, "d_model": run.shape.d_model, "n_heads": run.shape.n_heads,
+      "n_params": summary.get("n_params"), "n_params_non_embedding": n, "tokens": tokens,
       "flops_6nd": 6.0 * n * tokens if n and tokens else None,
       "flops": fpt * tokens if fpt and tokens else None,
       "final_val_loss": _as_float(summary.get("val_loss")),
@@ -188,6 +188,7 @@ def _write_meta(workdir: str, sweep: spec.Sweep, sweep_path: str, command: str,
   invocation = {"started_at": _now(), "command": command}
   meta.update({
       "sweep": sweep.name, "sweep_file": sweep_path, "description": sweep.description,
+      "budget_flops": sweep.budget_flops,
       "command": meta.get("command", command), "started_at": meta.get("started_at",
                                                                       invocation["started_at"]),
       "invocations": [*meta.get("invocations", []), invocation],

@@ -125,6 +125,30 @@ def test_isoflop_recovers_compute_optimal_exponents():
     assert est["tokens_per_param"].value == pytest.approx(ratio, rel=0.2)
 
 
+def test_isoflop_with_exact_flops_interpolates_d_opt():
+  """Budgets that count more than 6 N per token (attention, LM head): D = C / (6 N + k)."""
+  law, k = CHINCHILLA, 6 * 2048 * 50257  # a wide LM head's 6 d V FLOPs per token
+  budgets = [1e19, 1e20, 1e21]
+  sizes_all, loss_all, c_all, d_all = [], [], [], []
+  a = law["beta"] / (law["alpha"] + law["beta"])
+  centre = lambda c: 1.4 * (c / 6) ** a  # near the optimum of this law and FLOP count
+  for budget in budgets:
+    sizes = centre(budget) * np.geomspace(1 / 8, 8, 11)
+    d = budget / (6 * sizes + k)
+    sizes_all += list(sizes)
+    loss_all += list(chinchilla_loss(sizes, d, **law))
+    c_all += [budget] * sizes.size
+    d_all += list(d)
+  fit = fits.fit_isoflop(sizes_all, loss_all, c_all, tokens=d_all, n_boot=50)
+  for budget, est in zip(budgets, fit.per_budget, strict=True):
+    grid = centre(budget) * np.geomspace(1 / 8, 8, 20001)  # the optimum under this count
+    n_true = grid[np.argmin(chinchilla_loss(grid, budget / (6 * grid + k), **law))]
+    # Tolerance: 6% on N_opt and D_opt (the parabola approximates the profile); C / (6 N_opt)
+    # would be 20-40% off here.
+    assert est["n_opt"].value == pytest.approx(n_true, rel=0.06)
+    assert est["d_opt"].value == pytest.approx(budget / (6 * n_true + k), rel=0.06)
+
+
 def test_isoflop_profiles_say_why_they_have_no_minimum():
   n = np.array([1e5, 2e5, 4e5, 8e5])
   assert "3 model sizes" in fits.fit_isoflop_profile(n[:2], [3.0, 2.9], 1e15).problem

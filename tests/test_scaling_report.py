@@ -109,6 +109,17 @@ def test_missing_results_file_is_a_clear_error(tmp_path):
     scaling_fit.fit_and_report(workdir=str(tmp_path / "nowhere"))
 
 
+def test_total_parameter_count_is_a_setting():
+  records = synthetic_records()
+  default = analysis.analyze(records, SETTINGS)
+  total = analysis.analyze(records, analysis.FitSettings(params="total", n_boot=10,
+                                                         n_boot_parametric=2, grid=SMALL_GRID))
+  np.testing.assert_allclose(total.n_params, 1.2 * default.n_params)
+  assert total.params_label.startswith("parameters N (with")
+  with pytest.raises(ValueError, match="params='all'"):
+    analysis.analyze(records, analysis.FitSettings(params="all"))
+
+
 def test_points_for_each_law():
   a = analysis.analyze(synthetic_records(), SETTINGS)
   ratio = a.tokens / a.n_params
@@ -130,3 +141,10 @@ def test_results_file_survives_a_torn_last_line(tmp_path):
   with pytest.warns(UserWarning, match="unreadable line"):
     names = [r["name"] for r in read_records(str(path))]
   assert names == [first["name"], second["name"]]
+
+
+def test_readme_documents_every_record_field():
+  with open("experiments/scaling/README.md") as f:
+    text = f.read()
+  missing = [k for k in RECORD_FIELDS if f"`{k}`" not in text]
+  assert not missing, f"experiments/scaling/README.md does not document {missing}"

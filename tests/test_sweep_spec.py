@@ -47,6 +47,22 @@ def test_isoflop_layout_spends_each_budget():
   assert [spec.budget_tag(c) for c in (1e12, 1.25e12, 2.5e11)] == ["1e12", "1.25e12", "2.5e11"]
 
 
+def test_isoflop_layout_with_exact_flops():
+  from model.counting import flops_per_token
+
+  shapes = spec.ladder(max_layers=4)
+  runs = spec.isoflop_runs([1e12], shapes, MODEL, per_budget=3, tokens_per_param=100,
+                           compute="exact")
+  for r in runs:
+    cfg = MODEL.replace(n_layers=r.shape.n_layers, d_model=r.shape.d_model,
+                        n_heads=r.shape.n_heads)
+    assert r.tokens * flops_per_token(cfg, MODEL.max_seq_len) == pytest.approx(1e12, rel=1e-4)
+    assert spec.flops_per_token_of(r.shape, MODEL, "exact") > 6 * spec.non_embedding_params(
+        r.shape, MODEL)
+  with pytest.raises(spec.SweepError, match="compute='7nd'"):
+    spec.isoflop_runs([1e12], shapes, MODEL, compute="7nd")
+
+
 def test_isoflop_layout_moves_up_to_respect_max_tokens_and_min_steps():
   shapes = spec.ladder(max_layers=4)
   free = spec.isoflop_runs([1e12], shapes, MODEL, per_budget=3, tokens_per_param=100)
@@ -112,11 +128,13 @@ def test_cpu_sweep_meets_its_promises():
   sweep = spec.load_sweep("experiments/sweeps/cpu.py")
   rows = plan(sweep)
   n = np.array([r["n_params_non_embedding"] for r in rows])
-  c = np.array([r["flops_6nd"] for r in rows])
+  c = np.array([r["flops"] for r in rows])
   budgets = {r["budget"] for r in rows}
-  assert len(rows) >= 12
+  assert len(rows) >= 12 and sweep.budget_flops == "exact"
   assert math.log10(n.max() / n.min()) >= 1.5
   assert math.log10(c.max() / c.min()) >= 1.0
+  for r in rows:  # exact isoFLOP groups: every run spends its budget
+    assert r["flops"] == pytest.approx(r["budget"], rel=0.01)
   assert len(budgets) >= 3 and all(sum(r["budget"] == b for r in rows) >= 5 for b in budgets)
   assert max(r["tokens"] for r in rows) <= 11.5e6  # the stdlib corpus's 11.8M training bytes
   assert min(r["steps"] for r in rows) >= 50

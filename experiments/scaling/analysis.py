@@ -36,9 +36,13 @@ CHINCHILLA = {"alpha": 0.34, "beta": 0.28, "E": 1.69, "A": 406.4, "B": 410.7,
 BESIROGLU = {"alpha": 0.35, "beta": 0.37, "E": 1.82, "A": 482.01, "B": 2085.43}  # arXiv:2404.10102
 
 
+PARAM_KEYS = {"non_embedding": "n_params_non_embedding", "total": "n_params"}
+
+
 @dataclasses.dataclass(frozen=True)
 class FitSettings:
   loss: str = "final"  # "final" or "best" validation loss
+  params: str = "non_embedding"  # N counts "non_embedding" (Kaplan) or "total" parameters
   n_boot: int = 1000  # bootstrap refits of the power laws and the isoFLOP fit
   n_boot_parametric: int = 200  # refits of L(N, D) (each runs L-BFGS from several starts)
   grid: dict[str, Any] | None = None  # L(N, D) initialization grid (None: Hoffmann et al.'s)
@@ -54,7 +58,7 @@ class FitSettings:
 class Analysis:
   records: list[dict[str, Any]]  # the usable runs, sorted by (budget, N)
   settings: FitSettings
-  n_params: np.ndarray  # N, non-embedding
+  n_params: np.ndarray  # N: non-embedding or total parameters (settings.params)
   tokens: np.ndarray  # D
   flops_6nd: np.ndarray
   flops: np.ndarray  # with attention and LM head
@@ -64,6 +68,17 @@ class Analysis:
   d_levels: np.ndarray
   fits: dict[str, Any]  # name -> fit object, or the str saying why it could not be fitted
   dropped: list[str]  # runs left out, with the reason
+
+  @property
+  def params_label(self) -> str:
+    return ("non-embedding parameters N" if self.settings.params == "non_embedding"
+            else "parameters N (with embeddings)")
+
+  @property
+  def budget_flops(self) -> str:
+    """How the isoFLOP budgets count FLOPs ('6nd' or 'exact'), from the records."""
+    kinds = {r.get("budget_flops") or "6nd" for r in self.records if r.get("budget")}
+    return kinds.pop() if len(kinds) == 1 else "6nd"
 
   def fit(self, name: str):
     """The fit object, or None when it could not be made (see `fits[name]`)."""
@@ -82,8 +97,11 @@ def analyze(records: list[dict[str, Any]], settings: FitSettings | None = None) 
   settings = settings or FitSettings()
   if settings.loss not in LOSS_KEYS:
     raise ValueError(f"loss={settings.loss!r}: must be one of {sorted(LOSS_KEYS)}")
+  if settings.params not in PARAM_KEYS:
+    raise ValueError(f"params={settings.params!r}: must be one of {sorted(PARAM_KEYS)}")
   loss_key, bpb_key = LOSS_KEYS[settings.loss]
-  needed = ("n_params_non_embedding", "tokens", "flops_6nd", "flops", loss_key)
+  n_key = PARAM_KEYS[settings.params]
+  needed = ("n_params_non_embedding", "n_params", "tokens", "flops_6nd", "flops", loss_key)
   usable = finite(records, *needed)
   dropped = [f"{r.get('name')}: {loss_key} or sizes missing or not finite (diverged?)"
              for r in records if r not in usable]
@@ -93,7 +111,7 @@ def analyze(records: list[dict[str, Any]], settings: FitSettings | None = None) 
     return np.array([default if r.get(key) is None else float(r[key]) for r in usable])
 
   a = Analysis(
-      records=usable, settings=settings, n_params=column("n_params_non_embedding"),
+      records=usable, settings=settings, n_params=column(n_key),
       tokens=column("tokens"), flops_6nd=column("flops_6nd"), flops=column("flops"),
       loss=column(loss_key), bpb=column(bpb_key), budget=column("budget"),
       d_levels=np.zeros(len(usable), np.int64), fits={}, dropped=dropped)
@@ -117,7 +135,7 @@ def analyze(records: list[dict[str, Any]], settings: FitSettings | None = None) 
     a.fits["isoflop"] = "no run names a compute budget (Run.budget): not an isoFLOP sweep"
   else:
     a.fits["isoflop"] = _try(fits.fit_isoflop, a.n_params[in_group], a.loss[in_group],
-                             a.budget[in_group], **boot)
+                             a.budget[in_group], tokens=a.tokens[in_group], **boot)
   return a
 
 

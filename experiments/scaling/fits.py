@@ -16,7 +16,8 @@ Parametric loss (Hoffmann et al. 2022, "approach 3"):
 
 IsoFLOP profiles (Hoffmann et al. 2022, "approach 2"): for each compute budget C a parabola
 L = p0 + p1 x + p2 x^2 in x = ln N; its vertex is N_opt(C) = exp(-p1 / (2 p2)), and
-D_opt(C) = C / (6 N_opt). Least squares in log-log then gives N_opt ~ C^a, D_opt ~ C^b.
+D_opt(C) = C / (6 N_opt) (or, when C counts FLOPs exactly, the runs' D interpolated at
+N_opt). Least squares in log-log then gives N_opt ~ C^a, D_opt ~ C^b.
 
 Every fitted number is an `Estimate`: the fit to all points, plus a percentile interval
 from a case bootstrap (points resampled with replacement; for isoFLOP profiles, resampled
@@ -375,6 +376,7 @@ class IsoFlopProfile:
   coeffs: tuple[float, float, float] | None  # (p2, p1, p0), np.polyfit order
   problem: str | None  # why there is no usable minimum (None: valid)
   r2: float = math.nan
+  d: np.ndarray | None = None  # the runs' tokens (None: D = C / 6N)
 
   @property
   def valid(self) -> bool:
@@ -386,6 +388,16 @@ class IsoFlopProfile:
     return math.exp(-p1 / (2 * p2)) if p2 > 0 else math.nan
 
   @property
+  def d_opt(self) -> float:
+    """Tokens at N_opt: C / (6 N_opt), or interpolated in ln N between the runs' own D when
+    the budget counts FLOPs otherwise (attention and LM head included)."""
+    if self.d is None:
+      return self.budget / (6 * self.n_opt)
+    order = np.argsort(self.n)
+    return float(np.exp(np.interp(math.log(self.n_opt), np.log(self.n[order]),
+                                  np.log(self.d[order]))))
+
+  @property
   def loss_opt(self) -> float:
     return float(np.polyval(self.coeffs, math.log(self.n_opt))) if self.coeffs else math.nan
 
@@ -393,24 +405,26 @@ class IsoFlopProfile:
     return np.polyval(self.coeffs, np.log(np.asarray(n, np.float64)))
 
 
-def fit_isoflop_profile(n, loss, budget: float) -> IsoFlopProfile:
-  """A parabola in ln N through one budget's runs; `problem` says why it has no usable minimum
-  (fewer than 3 sizes, not convex, or the vertex outside the sampled sizes)."""
+def fit_isoflop_profile(n, loss, budget: float, d=None) -> IsoFlopProfile:
+  """A parabola in ln N through one budget's runs (`d`: their tokens, if not C / 6N);
+  `problem` says why it has no usable minimum (fewer than 3 sizes, not convex, or the
+  vertex outside the sampled sizes)."""
   n, loss = as_positive(n, "N"), as_positive(loss, "loss")
+  d = None if d is None else as_positive(d, "D")
   sizes = len(np.unique(n))
   if sizes < 3:
-    return IsoFlopProfile(budget, n, loss, None, f"needs >= 3 model sizes, has {sizes}")
+    return IsoFlopProfile(budget, n, loss, None, f"needs >= 3 model sizes, has {sizes}", d=d)
   x = np.log(n)
   coeffs = tuple(float(c) for c in np.polyfit(x, loss, 2))
   r2 = r_squared(loss, np.polyval(coeffs, x))
   if coeffs[0] <= 0:
-    return IsoFlopProfile(budget, n, loss, coeffs, "not convex: no minimum", r2)
+    return IsoFlopProfile(budget, n, loss, coeffs, "not convex: no minimum", r2, d)
   vertex = -coeffs[1] / (2 * coeffs[0])
   if not x.min() <= vertex <= x.max():
     return IsoFlopProfile(budget, n, loss, coeffs,
                           f"minimum at N={math.exp(vertex):.3g} lies outside the sampled sizes "
-                          f"[{n.min():.3g}, {n.max():.3g}]", r2)
-  return IsoFlopProfile(budget, n, loss, coeffs, None, r2)
+                          f"[{n.min():.3g}, {n.max():.3g}]", r2, d)
+  return IsoFlopProfile(budget, n, loss, coeffs, None, r2, d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,14 +452,15 @@ class IsoFlopFit:
     return 10 ** self.log10_d_coef.value * np.asarray(flops, np.float64) ** self.b.value
 
 
-def _isoflop_quantities(n, loss, budgets, budget_values):
-  profiles = [fit_isoflop_profile(n[budgets == k], loss[budgets == k], c)
+def _isoflop_quantities(n, loss, budgets, budget_values, d=None):
+  profiles = [fit_isoflop_profile(n[budgets == k], loss[budgets == k], c,
+                                  None if d is None else d[budgets == k])
               for k, c in enumerate(budget_values)]
   valid = [p for p in profiles if p.valid]
   out: dict[str, float] = {}
   for k, p in enumerate(profiles):
     if p.valid:
-      d_opt = p.budget / (6 * p.n_opt)
+      d_opt = p.d_opt
       out.update({f"n_opt_{k}": p.n_opt, f"d_opt_{k}": d_opt,
                   f"tokens_per_param_{k}": d_opt / p.n_opt, f"loss_opt_{k}": p.loss_opt})
   if len(valid) < 2:
@@ -454,7 +469,7 @@ def _isoflop_quantities(n, loss, budgets, budget_values):
                            f"{len(valid)} ({problems})")
   log_c = np.log([p.budget for p in valid])
   log_n = np.log([p.n_opt for p in valid])
-  log_d = np.log([p.budget / (6 * p.n_opt) for p in valid])
+  log_d = np.log([p.d_opt for p in valid])
   a, n_coef = np.polyfit(log_c, log_n, 1)
   b, d_coef = np.polyfit(log_c, log_d, 1)
   out.update({"a": float(a), "b": float(b), "log10_n_coef": float(n_coef / math.log(10)),
@@ -462,15 +477,23 @@ def _isoflop_quantities(n, loss, budgets, budget_values):
   return profiles, out, (log_c, log_n, log_d)
 
 
-def fit_isoflop(n, loss, budget, *, n_boot: int = 1000, seed: int = 0) -> IsoFlopFit:
-  """Approach 2 over runs grouped by their compute budget `budget` (one value per run)."""
+def fit_isoflop(n, loss, budget, *, tokens=None, n_boot: int = 1000, seed: int = 0
+                ) -> IsoFlopFit:
+  """Approach 2 over runs grouped by their compute budget `budget` (one value per run).
+
+  `tokens` (each run's D) gives D_opt by interpolation when the budget does not count FLOPs
+  as 6 N D; without it D_opt = C / (6 N_opt).
+  """
   n, loss, budget = as_positive(n, "N"), as_positive(loss, "loss"), as_positive(budget, "budget")
-  if not len(n) == len(loss) == len(budget):
+  d = None if tokens is None else as_positive(tokens, "D")
+  if not len(n) == len(loss) == len(budget) == (len(n) if d is None else len(d)):
     raise ValueError(f"isoFLOP: lengths differ (N {len(n)}, loss {len(loss)}, C {len(budget)})")
   budget_values, budgets = np.unique(budget, return_inverse=True)
-  profiles, point, (log_c, log_n, log_d) = _isoflop_quantities(n, loss, budgets, budget_values)
+  profiles, point, (log_c, log_n, log_d) = _isoflop_quantities(n, loss, budgets, budget_values,
+                                                                d)
   intervals, rejected = bootstrap(
-      lambda i: _isoflop_quantities(n[i], loss[i], budgets[i], budget_values)[1], budgets,
+      lambda i: _isoflop_quantities(n[i], loss[i], budgets[i], budget_values,
+                                    None if d is None else d[i])[1], budgets,
       n_boot=n_boot, seed=seed)
   est = with_intervals(point, intervals)
   per_budget = []

@@ -44,6 +44,10 @@ def _missing(a: Analysis, *names: str) -> str:
   return f"\n(not fitted: {', '.join(lacking)})" if lacking else ""
 
 
+def _budget_name(a: Analysis) -> str:
+  return "6 N D FLOPs" if a.budget_flops == "6nd" else "FLOPs with attention and LM head"
+
+
 def _finish(fig: Figure, ax_list, path: str) -> str:
   for ax in ax_list:
     ax.grid(True, which="both", alpha=0.25)
@@ -86,7 +90,7 @@ def plot_loss_vs_variable(a: Analysis, path: str, variable: str) -> str:
     ax.plot([], [], "k:", label="L(N, D) fit (approach 3)")
   ax.set_xscale("log")
   ax.set_yscale("log")
-  ax.set_xlabel("non-embedding parameters N" if by_n else "training tokens D")
+  ax.set_xlabel(a.params_label if by_n else "training tokens D")
   ax.set_ylabel("validation loss (nats/token)")
   ax.set_title(f"Loss vs {'model size' if by_n else 'data'}"
                + _missing(a, f"L({variable})", "L(N,D)"), fontsize=10)
@@ -115,7 +119,7 @@ def plot_loss_vs_compute(a: Analysis, path: str) -> str:
             label=f"L(C) = (Cc/C)^{law.alpha.value:.3f}, R²={law.r2:.3f}")
   iso = a.fit("isoflop")
   if iso is not None:
-    minima = [(p.budget, p.loss_opt) for p in iso.profiles if p.valid]
+    minima = [(6 * p.n_opt * p.d_opt, p.loss_opt) for p in iso.profiles if p.valid]
     ax.plot(*zip(*minima, strict=True), "*", color="k", ms=12, zorder=5,
             label="isoFLOP minima (approach 2)")
   ax.set_xscale("log")
@@ -146,9 +150,9 @@ def plot_isoflop(a: Analysis, path: str) -> str:
         ax.plot(xs, p.predict(xs), "-", color=colour(c), lw=1)
         if p.valid:
           ax.plot(p.n_opt, p.loss_opt, "*", color=colour(c), mec="k", ms=14, zorder=4)
-    ax.legend(fontsize=8, title="budget 6ND (FLOPs)", title_fontsize=8)
+    ax.legend(fontsize=8, title=f"budget ({_budget_name(a)})", title_fontsize=8)
   ax.set_xscale("log")
-  ax.set_xlabel("non-embedding parameters N")
+  ax.set_xlabel(a.params_label)
   ax.set_ylabel("validation loss (nats/token)")
   ax.set_title("IsoFLOP profiles (parabola in ln N; * minimum)" + _missing(a, "isoflop"),
                fontsize=10)
@@ -158,11 +162,13 @@ def plot_isoflop(a: Analysis, path: str) -> str:
     n_opt = np.array([p.n_opt for p in valid])
     cs = _span(c, 3.0)
     ax_opt.plot(c, n_opt, "o", color="C0", label="N_opt (isoFLOP minima)")
-    ax_opt.plot(c, c / (6 * n_opt), "s", color="C1", label="D_opt = C / (6 N_opt)")
+    ax_opt.plot(c, [p.d_opt for p in valid], "s", color="C1", label="D_opt at N_opt")
     ax_opt.plot(cs, iso.n_opt(cs), "-", color="C0", label=f"N_opt ∝ C^{iso.a.value:.2f}")
     ax_opt.plot(cs, iso.d_opt(cs), "-", color="C1", label=f"D_opt ∝ C^{iso.b.value:.2f}")
     parametric = a.fit("L(N,D)")
-    if parametric is not None and np.isfinite(parametric.a.value):
+    # Approach 3's allocation is for C = 6 N D; it shares the axis only with such budgets.
+    if (parametric is not None and np.isfinite(parametric.a.value)
+        and a.budget_flops == "6nd"):
       n3, d3 = parametric.optimal_allocation(cs)
       ax_opt.plot(cs, n3, "--", color="C0", lw=1, label=f"approach 3: N_opt ∝ C^"
                   f"{parametric.a.value:.2f}")
@@ -171,7 +177,7 @@ def plot_isoflop(a: Analysis, path: str) -> str:
     ax_opt.set_xscale("log")
     ax_opt.set_yscale("log")
     ax_opt.legend(fontsize=8)
-  ax_opt.set_xlabel("compute budget C = 6 N D (FLOPs)")
+  ax_opt.set_xlabel(f"compute budget C ({_budget_name(a)})")
   ax_opt.set_ylabel("compute-optimal N, D")
   ax_opt.set_title("Compute-optimal allocation", fontsize=10)
   return _finish(fig, [ax, ax_opt], path)

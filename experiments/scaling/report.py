@@ -139,8 +139,9 @@ def _isoflop_section(a: Analysis) -> list[str]:
                  est["tokens_per_param"].format() if "tokens_per_param" in est else "–",
                  est["loss_opt"].format(4) if "loss_opt" in est else "–",
                  f"{p.r2:.3f}" if math.isfinite(p.r2) else "–", status])
+  budget = "C = 6ND" if a.budget_flops == "6nd" else "C (FLOPs with attention, LM head)"
   return ["## IsoFLOP profiles (approach 2)", "", *_table(
-      ["budget C = 6ND", "runs", "N sampled", "N_opt", "D_opt", "D_opt/N_opt", "L at N_opt",
+      [f"budget {budget}", "runs", "N sampled", "N_opt", "D_opt", "D_opt/N_opt", "L at N_opt",
        "parabola R²", "status"], rows), "",
           "Chinchilla's compute-optimal models see about 20 tokens per parameter; Kaplan's "
           "allocation (N ∝ C^0.73) gives far fewer at large C.", ""]
@@ -265,7 +266,8 @@ def render_report(a: Analysis, *, title: str, commands: list[str], figures: list
   p = a.fit("L(N,D)")
   method = [
       "## Method", "",
-      f"- Loss: the {a.settings.loss} validation loss of each run (nats/token).",
+      f"- Loss: the {a.settings.loss} validation loss of each run (nats/token); N: "
+      f"{a.params_label}.",
       "- Power laws: least squares on ln L = a ln X_c - a ln X over the points named in "
       "experiments/scaling/analysis.py (lowest loss per model size, per token level, and "
       "the compute frontier).",

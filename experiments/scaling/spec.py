@@ -18,9 +18,10 @@ keeping it in one narrow band keeps shape out of the N-dependence). Heads have w
 16 below d = 128 and 32 from there (n_heads = d / 16 or d / 32); d_ff = 4 d. Consecutive
 rungs differ by ~2x in non-embedding parameters N ~ 12 L d^2.
 
-`isoflop_runs` lays out approach 2: for each compute budget C = 6 N D, the `per_budget`
-consecutive rungs centred on N* = sqrt(C / (6 r)) (r: the guessed tokens per parameter at
-the optimum), each trained on D = C / (6 N) tokens.
+`isoflop_runs` lays out approach 2: for each compute budget C, the `per_budget`
+consecutive rungs centred on the one whose D / N is closest to r (the guessed tokens per
+parameter at the optimum), each trained on D = C / (FLOPs per token) tokens, counting
+FLOPs as 6 N (Kaplan) or exactly, with attention and the LM head (Hoffmann et al.).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from model.counting import count_params
 
 class SweepError(ValueError):
   """A sweep file or a run in it is malformed."""
+
+
+COMPUTE_COUNTS = ("6nd", "exact")  # ways to count a budget's FLOPs (flops_per_token_of)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +161,7 @@ class Sweep:
   warmup_bounds: tuple[int, int] = (10, 200)
   evals_per_run: int = 1  # evenly spaced evaluations (the last at the final step)
   checkpoints_per_run: int = 4  # evenly spaced checkpoints: a kill loses at most 1/4 of a run
+  budget_flops: str = "6nd"  # how Run.budget counts FLOPs: "6nd" or "exact" (COMPUTE_COUNTS)
   description: str = ""
 
   def __post_init__(self):
@@ -167,6 +172,9 @@ class Sweep:
       raise SweepError(f"sweep {self.name!r}: run names repeat: {repeated}")
     if not self.runs:
       raise SweepError(f"sweep {self.name!r} has no runs")
+    if self.budget_flops not in COMPUTE_COUNTS:
+      raise SweepError(f"sweep {self.name!r}: budget_flops={self.budget_flops!r} must be one "
+                       f"of {COMPUTE_COUNTS}")
     reserved = {"num_steps", "batch_size", "data.seq_len", "seed", "optim.lr",
                 "optim.warmup_steps", "model.n_layers", "model.d_model", "model.n_heads"}
     clash = sorted(reserved & set(self.overrides))
@@ -222,38 +230,54 @@ def base_model_config(base_config: str, overrides: Mapping[str, Any], seq_len: i
   return model_config(config, vocab_size=vocab_size)
 
 
+def flops_per_token_of(shape: Shape, model: ModelConfig, compute: str) -> float:
+  """Training FLOPs per token of `shape`: 6 N ('6nd', N non-embedding) or the full count with
+  attention and the LM head ('exact': model.flops_per_token at T = model.max_seq_len)."""
+  from model.counting import flops_per_token
+
+  if compute == "6nd":
+    return 6.0 * non_embedding_params(shape, model)
+  if compute == "exact":
+    return flops_per_token(model.replace(n_layers=shape.n_layers, d_model=shape.d_model,
+                                         n_heads=shape.n_heads), model.max_seq_len)
+  raise SweepError(f"compute={compute!r}: must be one of {COMPUTE_COUNTS}")
+
+
 def isoflop_runs(budgets: Sequence[float], shapes: Sequence[Shape], model: ModelConfig, *,
                  per_budget: int = 5, tokens_per_param: float = 20.0, lr=lr_kaplan,
                  seed: int = 0, tokens_per_step: int = 1, min_steps: int = 50,
-                 max_tokens: float = math.inf) -> list[Run]:
-  """Approach 2's layout: per budget C the `per_budget` consecutive shapes centred (in log N)
-  on N* = sqrt(C / (6 r)), each trained on D = C / (6 N) tokens.
+                 max_tokens: float = math.inf, compute: str = "6nd") -> list[Run]:
+  """Approach 2's layout: per budget C the `per_budget` consecutive shapes centred on the one
+  whose D / N is closest to `tokens_per_param`, each trained on D = C / (FLOPs per token).
 
+  `compute` says how FLOPs are counted: "6nd" (C = 6 N D, Kaplan) or "exact" (attention and
+  the LM head included, as Hoffmann et al. count them; see flops_per_token_of).
   `lr(shape, N)` gives each run's learning rate. The window moves up the ladder until its
   smallest model needs at most `max_tokens` (e.g. the corpus size: no run repeats data).
   A run shorter than `min_steps` steps of `tokens_per_step` tokens is an error.
   """
   if per_budget < 3:
     raise SweepError(f"per_budget={per_budget}: a parabola needs at least 3 sizes per budget")
-  sized = sorted(((non_embedding_params(s, model), s) for s in shapes), key=lambda x: x[0])
+  sized = sorted(((non_embedding_params(s, model), flops_per_token_of(s, model, compute), s)
+                  for s in shapes), key=lambda x: x[0])
   if len(sized) < per_budget:
     raise SweepError(f"{len(sized)} shapes cannot give {per_budget} sizes per budget")
   runs = []
   for budget in budgets:
-    target = math.sqrt(budget / (6 * tokens_per_param))
-    centre = min(range(len(sized)), key=lambda i: abs(math.log(sized[i][0] / target)))
+    ratio = [budget / fpt / n for n, fpt, _ in sized]
+    centre = min(range(len(sized)), key=lambda i: abs(math.log(ratio[i] / tokens_per_param)))
     first = min(max(centre - per_budget // 2, 0), len(sized) - per_budget)
-    while budget / (6 * sized[first][0]) > max_tokens:
+    while budget / sized[first][1] > max_tokens:
       if first + per_budget >= len(sized):
         raise SweepError(f"budget {budget:.3g}: even the largest {per_budget} shapes need more "
                          f"than max_tokens={max_tokens:.3g} tokens; add larger shapes")
       first += 1
-    for n, shape in sized[first:first + per_budget]:
-      tokens = round(budget / (6 * n))
+    for n, fpt, shape in sized[first:first + per_budget]:
+      tokens = round(budget / fpt)
       name = f"C{budget_tag(budget)}-{shape.name}"
       if tokens < min_steps * tokens_per_step:
-        raise SweepError(f"run {name}: D = C / 6N = {tokens} tokens is under {min_steps} steps "
-                         f"of {tokens_per_step} tokens; raise the budget or drop the size")
+        raise SweepError(f"run {name}: D = {tokens} tokens is under {min_steps} steps of "
+                         f"{tokens_per_step} tokens; raise the budget or drop the size")
       runs.append(Run(name, shape, tokens=tokens, lr=float(lr(shape, n)), seed=seed,
                       budget=budget))
   return runs

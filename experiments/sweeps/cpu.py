@@ -3,16 +3,22 @@
   python -m experiments.sweep --sweep=cpu --workdir=runs/sweeps/cpu
   python -m experiments.scaling_fit --workdir=runs/sweeps/cpu
 
-Layout (approach 2 of Hoffmann et al. 2022): four compute budgets C = 6 N D, 2e11, 5e11,
-1.25e12 and 3e12 FLOPs (2.5x apart, 1.2 decades in all), and at each budget five
-consecutive rungs of the shape ladder (experiments/scaling/spec.py: L = 1, 2, 4; d = 32 L,
-48 L, 64 L; aspect ratio 32-64; 16-wide heads below d = 128, 32-wide from there) centred
-on N* = sqrt(C / (6 x 40)), i.e. 40 tokens per parameter, moved up the ladder where the
-smallest model would need more tokens than the corpus has. Each model trains on
-D = C / (6 N) tokens, so tokens per parameter run from ~1 to ~200 within a budget, and the
-sweep spans 12k - 790k non-embedding parameters (1.8 decades). 3.7e13 FLOPs in all with
-attention and the LM head (`--dry_run`): ~25 minutes at 25 GFLOP/s plus ~15 s of
-compilation and data loading per run.
+Layout (approach 2 of Hoffmann et al. 2022): four compute budgets of 2e11, 5e11, 1.25e12
+and 3e12 FLOPs (2.5x apart, 1.2 decades), counted exactly as the trainer counts them
+(6 N + the LM head's 6 d V + attention's 12 L T d per token; at these sizes 6ND alone
+misses 20-260% of the work, and an isoFLOP layout in 6ND would hand the smallest models
+up to 3.6x more real compute). At each budget five consecutive rungs of the shape ladder
+(experiments/scaling/spec.py: L = 1, 2, 4; d = 32 L, 48 L, 64 L, plus d = 16 and 24 at
+L = 1; aspect ratio 32-64 above d = 32; 16-wide heads below d = 128, 32-wide from there)
+centred on the rung nearest 200 tokens per non-embedding parameter, moved up the ladder
+where the smallest model would need more tokens than the corpus has. Each model trains on
+D = C / (FLOPs per token) tokens: 3k - 390k non-embedding parameters (2.1 decades),
+0.4M - 10.8M tokens, 2.5e13 FLOPs in all (`--dry_run`): ~20 minutes at 25 GFLOP/s plus
+~15 s of compilation and data loading per run.
+
+Why 200 tokens per parameter, not Chinchilla's 20: a pilot at C = 6ND = 2e11 with this
+recipe (experiments/scaling/README.md) put the best model at 12k parameters and 2.7M
+tokens, D/N = 217, with the loss rising steeply on both sides.
 
 Recipe shared by every run: byte-level tokens of the Python standard library (12 MB;
 11.8M training tokens, so no run repeats data), sequences of 128 tokens in batches of 16
@@ -27,8 +33,8 @@ from experiments.scaling import spec
 
 BASE_CONFIG = "train/configs/default.py"
 BATCH_SIZE, SEQ_LEN = 16, 128
-BUDGETS = (2e11, 5e11, 1.25e12, 3e12)
-TOKENS_PER_PARAM = 40.0
+BUDGETS = (2e11, 5e11, 1.25e12, 3e12)  # FLOPs, counted exactly (spec.flops_per_token_of)
+TOKENS_PER_PARAM = 200.0
 MAX_TOKENS = 11e6  # the stdlib corpus has 11.8M training tokens (bytes): no run repeats data
 OVERRIDES = {
     "data.corpus": "stdlib",
@@ -49,10 +55,17 @@ OVERRIDES = {
 learning_rate = spec.lr_inverse_width(0.5)
 
 
+def shapes() -> list[spec.Shape]:
+  """The ladder up to L = 4, continued below d = 32 by two one-head, one-layer rungs."""
+  return [spec.Shape(1, 16, 1), spec.Shape(1, 24, 1)] + spec.ladder(max_layers=4)
+
+
 def get_sweep() -> spec.Sweep:
   model = spec.base_model_config(BASE_CONFIG, OVERRIDES, SEQ_LEN)
-  runs = spec.isoflop_runs(BUDGETS, spec.ladder(max_layers=4), model, per_budget=5,
+  runs = spec.isoflop_runs(BUDGETS, shapes(), model, per_budget=5,
                            tokens_per_param=TOKENS_PER_PARAM, lr=learning_rate,
-                           tokens_per_step=BATCH_SIZE * SEQ_LEN, max_tokens=MAX_TOKENS)
+                           tokens_per_step=BATCH_SIZE * SEQ_LEN, max_tokens=MAX_TOKENS,
+                           compute="exact")
   return spec.Sweep("cpu", runs, base_config=BASE_CONFIG, batch_size=BATCH_SIZE,
-                    seq_len=SEQ_LEN, overrides=OVERRIDES, description=__doc__)
+                    seq_len=SEQ_LEN, overrides=OVERRIDES, budget_flops="exact",
+                    description=__doc__)
