@@ -109,7 +109,7 @@ def _define_flags():
   flags.DEFINE_integer("n_boot", 1000, "bootstrap refits for the power laws and isoFLOP fit")
   flags.DEFINE_integer("n_boot_parametric", 200, "bootstrap refits of L(N, D)")
   flags.DEFINE_enum("grid", "chinchilla", list(GRIDS), "L(N, D) initialization grid")
-  flags.DEFINE_float("d_level_tol", 0.25, "token budgets within this ratio share a level")
+  flags.DEFINE_float("d_level_tol", 0.1, "token budgets within this ratio share a level")
   flags.DEFINE_integer("seed", 0, "bootstrap seed")
 
 

@@ -124,9 +124,13 @@ def test_points_for_each_law():
   a = analysis.analyze(synthetic_records(), SETTINGS)
   ratio = a.tokens / a.n_params
   # L(N) takes each size's best run only when data-rich, L(D) each token level's only when
-  # model-rich; the frontier is non-increasing in loss.
-  assert np.all(ratio[analysis.per_n_indices(a)] >= 20)
-  assert np.all(ratio[analysis.per_d_indices(a)] <= 20)
+  # model-rich, split at the sweep's compute-optimal D/N; the frontier is non-increasing.
+  optimal = [e["tokens_per_param"].value for e in a.fit("isoflop").per_budget]
+  assert a.split == pytest.approx(np.exp(np.mean(np.log(optimal))))
+  assert min(optimal) <= a.split <= max(optimal)
+  assert np.all(ratio[analysis.per_n_indices(a)] >= a.split)
+  assert np.all(ratio[analysis.per_d_indices(a)] <= a.split)
+  assert len(analysis.per_n_indices(a)) >= 3 and len(analysis.per_d_indices(a)) >= 3
   front = analysis.frontier_indices(a)
   assert np.all(np.diff(a.loss[front]) < 0) and np.all(np.diff(a.flops_6nd[front]) >= 0)
 

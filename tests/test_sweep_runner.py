@@ -54,7 +54,7 @@ def smoke(tmp_path_factory):
     with pytest.raises(InjectedFault):
       sweep.run_sweep(smoke_sweep, workdir, sweep_path=SMOKE, command="first", log=lambda *_: None)
   after_fault = {"records": read_records(results_path(workdir)),
-                 "metrics_lines": len(_metrics(workdir, first)), "checkpoint_step": saved[0]}
+                 "metrics": _metrics(workdir, first), "checkpoint_step": saved[0]}
   resumed = sweep.run_sweep(smoke_sweep, workdir, sweep_path=SMOKE, command="second", max_runs=1,
                             log=lambda *_: None)
   after_resume = {"record": dict(read_records(results_path(workdir))[0]),
@@ -69,8 +69,9 @@ def test_a_run_cut_mid_way_leaves_no_record_and_resumes_from_its_checkpoint(smok
   fault = smoke["after_fault"]
   assert fault["records"] == []
   assert [r["name"] for r in smoke["resumed"]] == [smoke["first"]]
-  new_lines = smoke["after_resume"]["metrics"][fault["metrics_lines"]:]
-  first_new_step = min(m["step"] for m in new_lines if m["kind"] == "train")
+  before, after = fault["metrics"], smoke["after_resume"]["metrics"]
+  assert before and after[:len(before)] == before  # the run directory was kept, not wiped
+  first_new_step = min(m["step"] for m in after[len(before):] if m["kind"] == "train")
   assert first_new_step > fault["checkpoint_step"] > 0  # continued, not restarted at step 1
   record = smoke["after_resume"]["record"]
   steps = smoke["sweep"].steps(smoke["sweep"].runs[0])

@@ -1,11 +1,11 @@
 """From sweep records to every fit of the report: which points each law is fitted to.
 
   L(N)     per model size, its lowest loss (the run with the most data), kept if that run saw
-           at least `tokens_per_param_split` tokens per parameter: the data-rich limit as far
-           as the sweep reaches it. N = non-embedding parameters.
+           at least `split` tokens per parameter (the sweep's compute-optimal D/N, or 20):
+           the data-rich limit as far as the sweep reaches it.
   L(D)     per token-budget level (budgets within `d_level_tol` of each other share a level),
            its lowest loss (the largest model trained on that much data), kept if that run
-           saw at most `tokens_per_param_split` tokens per parameter.
+           saw at most `split` tokens per parameter.
   L(C)     the compute frontier: runs no cheaper run beats; C = 6 N D, and again with C
            counting attention and the LM head.
   L(N, D)  every run (approach 3).
@@ -46,10 +46,11 @@ class FitSettings:
   n_boot: int = 1000  # bootstrap refits of the power laws and the isoFLOP fit
   n_boot_parametric: int = 200  # refits of L(N, D) (each runs L-BFGS from several starts)
   grid: dict[str, Any] | None = None  # L(N, D) initialization grid (None: Hoffmann et al.'s)
-  d_level_tol: float = 0.25
+  d_level_tol: float = 0.1
   # L(N) wants data-rich runs, L(D) model-rich ones: per model size the best run counts for
-  # L(N) only with at least this many tokens per parameter, per token level for L(D) only with
-  # at most this many (Chinchilla's compute-optimal ratio is about 20).
+  # L(N) only with at least `split` tokens per parameter, per token level for L(D) only with
+  # at most that many. The split is the sweep's own compute-optimal D/N (the geometric mean
+  # of its isoFLOP minima) when approach 2 finds one, else this (Chinchilla's ratio).
   tokens_per_param_split: float = 20.0
   seed: int = 0
 
@@ -68,6 +69,8 @@ class Analysis:
   d_levels: np.ndarray
   fits: dict[str, Any]  # name -> fit object, or the str saying why it could not be fitted
   dropped: list[str]  # runs left out, with the reason
+  split: float = 20.0  # D/N separating L(N)'s data-rich points from L(D)'s model-rich ones
+  split_source: str = "the default"
 
   @property
   def params_label(self) -> str:
@@ -121,6 +124,18 @@ def analyze(records: list[dict[str, Any]], settings: FitSettings | None = None) 
     return a
   a.d_levels = fits.group_levels(a.tokens, settings.d_level_tol)
   boot = {"n_boot": settings.n_boot, "seed": settings.seed}
+  in_group = np.isfinite(a.budget)
+  if in_group.sum() == 0:
+    a.fits["isoflop"] = "no run names a compute budget (Run.budget): not an isoFLOP sweep"
+  else:
+    a.fits["isoflop"] = _try(fits.fit_isoflop, a.n_params[in_group], a.loss[in_group],
+                             a.budget[in_group], tokens=a.tokens[in_group], **boot)
+  a.split = settings.tokens_per_param_split
+  iso = a.fit("isoflop")
+  if iso is not None:
+    ratios = [e["tokens_per_param"].value for e in iso.per_budget if "tokens_per_param" in e]
+    a.split = float(np.exp(np.mean(np.log(ratios))))
+    a.split_source = "this sweep's compute-optimal D/N (isoFLOP minima, geometric mean)"
 
   by_n, by_d = per_n_indices(a), per_d_indices(a)
   a.fits["L(N)"] = _try(fits.fit_power_law, a.n_params[by_n], a.loss[by_n], variable="N", **boot)
@@ -130,12 +145,7 @@ def analyze(records: list[dict[str, Any]], settings: FitSettings | None = None) 
     a.fits[name] = _try(fits.fit_power_law, flops[front], a.loss[front], variable="C", **boot)
   a.fits["L(N,D)"] = _try(fits.fit_parametric, a.n_params, a.tokens, a.loss, grid=settings.grid,
                           n_boot=settings.n_boot_parametric, seed=settings.seed)
-  in_group = np.isfinite(a.budget)
-  if in_group.sum() == 0:
-    a.fits["isoflop"] = "no run names a compute budget (Run.budget): not an isoFLOP sweep"
-  else:
-    a.fits["isoflop"] = _try(fits.fit_isoflop, a.n_params[in_group], a.loss[in_group],
-                             a.budget[in_group], tokens=a.tokens[in_group], **boot)
+  a.fits = {k: a.fits[k] for k in ("L(N)", "L(D)", "L(C)", "L(C_attn)", "L(N,D)", "isoflop")}
   return a
 
 
@@ -147,13 +157,13 @@ def frontier_indices(a: Analysis, which: str = "L(C)") -> np.ndarray:
 def per_n_indices(a: Analysis) -> np.ndarray:
   """Per model size, its lowest-loss run, if that run is data-rich (D/N >= the split)."""
   best = fits.best_per_level(np.unique(a.n_params, return_inverse=True)[1], a.loss)
-  return best[a.tokens[best] / a.n_params[best] >= a.settings.tokens_per_param_split]
+  return best[a.tokens[best] / a.n_params[best] >= a.split]
 
 
 def per_d_indices(a: Analysis) -> np.ndarray:
   """Per token level, its lowest-loss run, if that run is model-rich (D/N <= the split)."""
   best = fits.best_per_level(a.d_levels, a.loss)
-  return best[a.tokens[best] / a.n_params[best] <= a.settings.tokens_per_param_split]
+  return best[a.tokens[best] / a.n_params[best] <= a.split]
 
 
 def _estimates(obj) -> dict[str, Any]:
@@ -170,6 +180,7 @@ def _estimates(obj) -> dict[str, Any]:
 def summary_dict(a: Analysis) -> dict[str, Any]:
   """Every fitted quantity as plain JSON: {fit: {quantity: {value, lo, hi, n_boot}} | {error}}."""
   out: dict[str, Any] = {"n_runs": len(a.records), "loss": a.settings.loss,
+                         "params": a.settings.params, "tokens_per_param_split": a.split,
                          "dropped": a.dropped}
   for name, fit in a.fits.items():
     if isinstance(fit, str):

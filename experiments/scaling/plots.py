@@ -51,10 +51,16 @@ def _budget_name(a: Analysis) -> str:
 def _finish(fig: Figure, ax_list, path: str) -> str:
   for ax in ax_list:
     ax.grid(True, which="both", alpha=0.25)
+    if ax.get_xscale() == "log":
+      ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     if ax.get_yscale() == "log" and "nats/token" in ax.get_ylabel():
-      # Losses span less than a decade: plain numbers read better than 2 x 10^0.
-      ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.1f"))
-      ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.1f"))
+      # Losses span less than a decade: a few plain numbers read better than 2 x 10^0.
+      lo, hi = ax.get_ylim()
+      ticks = ticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+      ax.set_yticks([t for t in ticks if lo <= t <= hi])
+      ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.2g"))
+      ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+      ax.set_ylim(lo, hi)
   fig.savefig(path)
   return path
 
@@ -73,8 +79,12 @@ def plot_loss_vs_variable(a: Analysis, path: str, variable: str) -> str:
     idx = idx[np.argsort(x[idx])]
     level = float(np.exp(np.mean(np.log(colour_of[idx]))))
     ax.plot(x[idx], a.loss[idx], "o-", color=colour(level), ms=5, lw=1)
-    if parametric is not None:
-      xs = _span(x)
+  if parametric is not None:  # the fitted law at up to five levels of the other variable
+    levels = np.unique(colour_of)
+    if len(levels) > 5:
+      levels = np.geomspace(levels.min(), levels.max(), 5)
+    xs = _span(x)
+    for level in levels:
       ys = parametric.predict(xs, level) if by_n else parametric.predict(level, xs)
       ax.plot(xs, ys, ":", color=colour(level), lw=1)
   best = per_n_indices(a) if by_n else per_d_indices(a)
@@ -106,9 +116,10 @@ def plot_loss_vs_compute(a: Analysis, path: str) -> str:
     curve = np.array([p for p in (r.get("train_curve") or []) if p[1] and p[2]], np.float64)
     if len(curve):
       ax.plot(6 * n * curve[:, 1], curve[:, 2], "-", color=colour(n), lw=0.8, alpha=0.6)
-  ax.plot([], [], "-", color="0.5", lw=0.8, label="training loss during each run")
+  ax.plot([], [], "-", color="0.5", lw=0.8, label="training loss during each run (means per "
+          "logging interval, training split)")
   ax.scatter(a.flops_6nd, a.loss, c=[colour(n) for n in a.n_params], s=22, zorder=3,
-             label="final evaluation of each run")
+             label="final validation loss of each run")
   front = frontier_indices(a, "L(C)")
   ax.plot(a.flops_6nd[front], a.loss[front], "s", mfc="none", mec="r", ms=9, zorder=4,
           label="compute frontier")

@@ -173,7 +173,8 @@ def _comparison_section(a: Analysis) -> list[str]:
 def _differences_section(a: Analysis) -> list[str]:
   """What differs at this scale, with this sweep's own numbers."""
   n_total = np.array([r.get("n_params") or np.nan for r in a.records], np.float64)
-  embed_share = np.nanmean(1 - a.n_params / n_total)
+  n_core = np.array([r.get("n_params_non_embedding") or np.nan for r in a.records], np.float64)
+  embed_share = np.nanmean(1 - n_core / n_total)
   extra_flops = np.mean(a.flops / a.flops_6nd - 1)
   steps = [r.get("steps") for r in a.records if r.get("steps")]
   cfg = a.records[0].get("config") or {}
@@ -182,10 +183,11 @@ def _differences_section(a: Analysis) -> list[str]:
       "vocab_size", "?")
   lines = ["## What differs at this scale, and why", "",
            f"- **Scale and range.** N spans {_num(a.n_params.min())} – {_num(a.n_params.max())} "
-           f"non-embedding parameters ({_decades(a.n_params):.1f} decades), D "
+           f"{a.params_label} ({_decades(a.n_params):.1f} decades), D "
            f"{_num(a.tokens.min())} – {_num(a.tokens.max())} tokens, C "
-           f"{_num(a.flops_6nd.min())} – {_num(a.flops_6nd.max())} FLOPs "
-           f"({_decades(a.flops_6nd):.1f} decades), over {len(a.records)} runs. Kaplan et al. "
+           f"{_num(a.flops.min())} – {_num(a.flops.max())} FLOPs with attention and LM head "
+           f"({_decades(a.flops):.1f} decades; 6ND: {_decades(a.flops_6nd):.1f}), over "
+           f"{len(a.records)} runs. Kaplan et al. "
            "fitted over about six decades of N (10^3 – 10^9) and Chinchilla over 70M – 16B "
            "parameters with 400+ runs: a short lever arm and few points make wide intervals, "
            "and any curvature of the true law over the range shows up as a different local "
@@ -201,6 +203,20 @@ def _differences_section(a: Analysis) -> list[str]:
         f"scales it is roughly a third (Chinchilla's E = 1.69 under losses of 2 – 3), and "
         f"0.34 x 1/3 ≈ 0.1 is where Kaplan's aN, aD, aC (0.05 – 0.1) sit. A sweep far above "
         f"its floor gets textbook-form exponents closer to α and β.")
+  iso = a.fit("isoflop")
+  ratios = [est["tokens_per_param"].value for est in iso.per_budget
+            if "tokens_per_param" in est] if iso is not None else []
+  if ratios:
+    lines.append(
+        f"- **Far more tokens per parameter at the optimum.** The isoFLOP minima sit at "
+        f"D/N = {_num(min(ratios))} – {_num(max(ratios))} tokens per parameter, against "
+        f"Chinchilla's ~20. Three reasons compound here: a byte carries less than a BPE token "
+        f"(code runs ~3-4 bytes per GPT-2 token), so the same text is several times more "
+        f"tokens; N leaves out the embeddings and LM head, which are most of these models; "
+        f"and with a fixed batch of {a.records[0].get('batch_size')} x "
+        f"{a.records[0].get('seq_len')} tokens the large models of a small budget get only "
+        f"{min(steps) if steps else '?'} – a few hundred optimizer steps, too few to use "
+        f"their capacity, which pushes the optimum toward smaller models trained longer.")
   lines += [
       f"- **Embeddings and attention are not negligible.** Embeddings are {embed_share:.0%} of "
       f"all parameters on average and attention plus the LM head add {extra_flops:.0%} to 6ND "
@@ -216,7 +232,7 @@ def _differences_section(a: Analysis) -> list[str]:
       f"- **Short runs, one recipe.** Runs take {min(steps) if steps else '?'} – "
       f"{max(steps) if steps else '?'} steps with a cosine schedule to their own length (as "
       f"Chinchilla; Kaplan used one schedule length, a reason their D exponent came out "
-      f"lower), a fixed batch, one seed and a learning rate from a rule, not tuned per size. "
+      f"lower), a fixed batch, one seed and a learning rate from a rule (not tuned per run). "
       f"Porian et al. (2024) show that warmup, batch size and AdamW's β2 move small-scale "
       f"exponents by amounts comparable to the Kaplan–Chinchilla gap.",
   ]
@@ -268,9 +284,10 @@ def render_report(a: Analysis, *, title: str, commands: list[str], figures: list
       "## Method", "",
       f"- Loss: the {a.settings.loss} validation loss of each run (nats/token); N: "
       f"{a.params_label}.",
-      "- Power laws: least squares on ln L = a ln X_c - a ln X over the points named in "
-      "experiments/scaling/analysis.py (lowest loss per model size, per token level, and "
-      "the compute frontier).",
+      "- Power laws: least squares on ln L = a ln X_c - a ln X. L(N): each model size's "
+      f"lowest-loss run if it saw D/N ≥ {a.split:.3g}; L(D): each token level's lowest-loss "
+      f"run if D/N ≤ {a.split:.3g} ({a.split_source}); L(C): the compute frontier of the "
+      "final points (circled in the figures).",
       f"- L(N, D): Huber loss (δ = 1e-3) on ln L, L-BFGS-B from each of "
       f"{p.n_inits if p else '–'} grid points (Hoffmann et al. 2022, D.2)"
       + (f"; {p.n_at_best} reached the best objective" if p else "") + ".",
