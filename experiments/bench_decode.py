@@ -6,7 +6,10 @@
 
 Greedy decoding of --new_tokens tokens after an 8-token prompt (fewer when the
 model's context is shorter), timed after a compile/warm-up run; prints the best
-and the median of --repeats runs (the prefill is included in the time).
+and the median of --repeats runs (the prefill is included in the time), and
+tokens per CPU-second of this process (best run): on a loaded machine the
+wall clock also counts time spent waiting for a core, CPU time does not
+(for a multi-threaded run it adds up every thread's time).
 `--reference` times transformers' GPT2LMHeadModel.generate() (KV cache, greedy,
 float32, same shapes) in the same process, so both see the same machine load.
 The load average is printed: on a shared machine, compare figures taken together.
@@ -15,6 +18,7 @@ The load average is printed: on a shared machine, compare figures taken together
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import time
 
@@ -34,14 +38,21 @@ def _load() -> str:
   return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
+def _cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
 def _time(fn, repeats):
+  """(best wall s, median wall s, best CPU s) over `repeats` runs after a warm-up run."""
   fn()  # compile / warm up
-  times = []
+  times, cpus = [], []
   for _ in range(repeats):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     fn()
     times.append(time.perf_counter() - start)
-  return min(times), statistics.median(times)
+    cpus.append(_cpu_seconds() - cpu)
+  return min(times), statistics.median(times), min(cpus)
 
 
 def time_sampler(cfg, batch, prompt_len, new_tokens, repeats):
@@ -92,7 +103,7 @@ def main(argv):
 
   print(f"# decode throughput, float32, greedy; {_load()}")
   print(f"{'model':14s} {'params':>8s} {'batch':>5s} {'new':>5s} {'impl':>9s} "
-        f"{'best tok/s':>11s} {'median tok/s':>13s}")
+        f"{'best tok/s':>11s} {'median tok/s':>13s} {'tok/CPU-s':>10s}")
   for name in FLAGS.presets:
     cfg = model.get_preset(name)
     new = min(FLAGS.new_tokens, cfg.max_seq_len - FLAGS.prompt_len)
@@ -100,9 +111,10 @@ def main(argv):
     for batch in (int(b) for b in FLAGS.batches):
       runners = [("sample", time_sampler)] + ([("hf", time_reference)] if FLAGS.reference else [])
       for impl, timer in runners:
-        best, median = timer(cfg, batch, FLAGS.prompt_len, new, FLAGS.repeats)
+        best, median, cpu = timer(cfg, batch, FLAGS.prompt_len, new, FLAGS.repeats)
         print(f"{name:14s} {n_params / 1e6:7.1f}M {batch:5d} {new:5d} {impl:>9s} "
-              f"{batch * new / best:11.1f} {batch * new / median:13.1f}", flush=True)
+              f"{batch * new / best:11.1f} {batch * new / median:13.1f} "
+              f"{batch * new / cpu:10.1f}", flush=True)
   print(f"# {_load()}")
 
 
