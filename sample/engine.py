@@ -15,10 +15,11 @@ the cache full. A row is done when it emits one of `stop_ids`; the stop token
 is NOT part of the returned tokens. No Python runs per token.
 
 Static shapes are bucketed (powers of two): batch, prompt length P, new-token
-buffer N, and the cache S = P + N (at most the model's max_seq_len). Changing
-max_new_tokens, the prompts, the seed, temperature/top-k/top-p values or the
-stop ids within a bucket reuses the compiled program. A request that cannot
-fit raises ValueError before anything runs; nothing is truncated.
+buffer N, and the cache S = P + N (at most max_seq_len for learned positions,
+whose table ends there, or an explicit cache_len). Changing max_new_tokens,
+the prompts, the seed, temperature/top-k/top-p values or the stop ids within
+a bucket reuses the compiled program. A request that cannot fit raises
+ValueError before anything runs; nothing is truncated.
 
 The no-cache mode (use_cache=False) recomputes the full forward pass over the
 tokens so far at every step (the textbook's slow path): the token buffer is
@@ -78,15 +79,27 @@ class Plan(NamedTuple):
 
 def plan(cfg: ModelConfig, prompt_lengths: Sequence[int], max_new_tokens: int,
          cache_len: int | None = None) -> Plan:
-  """Bucketed shapes for these prompts; ValueError if they cannot fit."""
-  limit = cfg.max_seq_len if cache_len is None else int(cache_len)
+  """Bucketed shapes for these prompts; ValueError if they cannot fit.
+
+  The cache holds at most `cache_len` slots if given, else at most max_seq_len
+  for learned positions (the table ends there); RoPE, sinusoidal and
+  position-free models may run past max_seq_len (beyond their training
+  context), as `model.init_cache` allows.
+  """
+  longest = max(prompt_lengths)
+  if cache_len is not None:
+    limit = int(cache_len)
+  elif cfg.position == "learned":
+    limit = cfg.max_seq_len
+  else:
+    limit = max(cfg.max_seq_len,
+                bucket(longest, MIN_PROMPT_BUCKET) + bucket(max_new_tokens, MIN_NEW_BUCKET))
   if cache_len is not None:
     if limit <= 0:
       raise ValueError(f"cache_len={cache_len} must be > 0")
     if cfg.position == "learned" and limit > cfg.max_seq_len:
       raise ValueError(f"cache_len={limit} exceeds the learned position table "
                        f"(max_seq_len={cfg.max_seq_len})")
-  longest = max(prompt_lengths)
   if longest + max_new_tokens > limit:
     row = int(np.argmax(prompt_lengths))
     raise ValueError(

@@ -180,6 +180,12 @@ def test_bucketed_shapes():
   assert engine.plan(cfg, [54], 10).cache_len == 64  # exactly full fits
   with pytest.raises(ValueError, match="overflow"):
     engine.plan(cfg, [55], 10)
+  # RoPE has no position table: the cache may grow past max_seq_len (bucketed), unless
+  # an explicit cache_len says otherwise.
+  rope = tiny_config(position="rope")
+  assert engine.plan(rope, [60], 10) == engine.Plan(1, 64, 16, 80)
+  with pytest.raises(ValueError, match="overflow"):
+    engine.plan(rope, [60], 10, cache_len=64)
 
 
 def test_stream_chunks_concatenate_to_generate(tiny):
