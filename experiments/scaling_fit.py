@@ -4,7 +4,8 @@
       [--params=non_embedding|total] [--n_boot=1000] [--grid=chinchilla|small]
 
 Reads WORKDIR/results.jsonl (written by `python -m experiments.sweep`) or --results=FILE;
-writes into --out (default: the workdir). See experiments/scaling/README.md.
+writes into --out (default: the workdir), with a copy of results.jsonl and sweep.json so
+that --out regenerates on its own. See experiments/scaling/README.md.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import sys
 from typing import Any
 
@@ -72,7 +74,19 @@ def fit_and_report(*, workdir: str | None = None, results: str | None = None,
   summary = analysis.summary_dict(a)
   with open(os.path.join(out, "fits.json"), "w") as f:
     json.dump(summary, f, indent=2, sort_keys=True, default=_finite_or_none)
+  _copy_inputs(results, meta, out)
   return summary
+
+
+def _copy_inputs(results: str, meta: dict[str, Any] | None, out: str) -> None:
+  """An --out elsewhere gets results.jsonl and sweep.json too: it then regenerates alone
+  (python -m experiments.scaling_fit --results=OUT/results.jsonl)."""
+  target = os.path.join(out, "results.jsonl")
+  if os.path.abspath(results) != os.path.abspath(target):
+    shutil.copyfile(results, target)
+  if meta is not None and not os.path.exists(os.path.join(out, SWEEP_META_FILE)):
+    with open(os.path.join(out, SWEEP_META_FILE), "w") as f:
+      json.dump(meta, f, indent=2, default=str)
 
 
 def _finite_or_none(x):

@@ -66,6 +66,7 @@ def test_full_sweep_gives_every_fit_and_figure(full_report):
     data = (out / f"{png}.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
   assert json.loads((out / "fits.json").read_text())["n_runs"] == 15
+  assert len(read_records(str(out / "results.jsonl"))) == 15
 
 
 def test_report_states_fits_intervals_and_comparisons(full_report):

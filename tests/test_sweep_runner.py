@@ -126,6 +126,11 @@ def test_fit_and_report_run_on_the_smoke_results(smoke, tmp_path):
   text = (tmp_path / "report.md").read_text()
   assert "first" in text and "Scaling laws: sweep `smoke`" in text  # the sweep's command
   assert (tmp_path / "isoflop.png").exists()
+  # --out elsewhere is self-contained: it regenerates from its own copy of the inputs.
+  again = scaling_fit.fit_and_report(results=str(tmp_path / "results.jsonl"), settings=settings,
+                                     command="refit")
+  assert again["n_runs"] == 3 and json.loads((tmp_path / "sweep.json").read_text())["sweep"]
+  assert "first" in (tmp_path / "report.md").read_text()
 
 
 def test_an_edited_sweep_is_refused(smoke):
