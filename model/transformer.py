@@ -11,7 +11,10 @@ Post-norm block (Vaswani et al. 2017):
 
 Intermediates are sown into the 'intermediates' collection when the caller
 makes it mutable (`apply(..., return_intermediates=True)`); otherwise sowing
-is a no-op and costs nothing.
+is a no-op and costs nothing. Interventions (model/interventions.py) ride
+through the layer stack with the per-layer inputs and scale or replace head
+outputs, MLP outputs and residual positions. ffn='none' drops the MLP
+sublayer (an attention-only model).
 """
 
 from __future__ import annotations
