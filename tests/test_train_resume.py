@@ -146,8 +146,9 @@ def test_two_processes_match_one(straight, tmp_path):
   root, workdir, _ = straight
   multi = str(tmp_path / "multi")
   port = _free_port()
+  # The same XLA flags as this process (none of train/xla_flags.py), so the numbers agree.
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
+         "JAX_PLATFORMS": "cpu", "TRANSFORMER_LAB_NO_XLA_FLAGS": "1"}
   args = [sys.executable, "-m", "train", "--config=train/configs/tiny.py", f"--workdir={multi}",
           f"--config.num_steps={2 * N}", "--config.log_every=1", f"--config.eval_every={2 * N}",
           f"--config.checkpoint_every={N}", f"--config.data.cache_dir={root}/cache",

@@ -36,13 +36,13 @@ def batches(accum=1):
   return out
 
 
-def run(mesh_shape, accum=1, optim=None):
+def run(mesh_shape, accum=1, optim=None, cfg=CFG):
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   mesh = state_lib.make_run_mesh(mesh_shape, devices)
   optim = optim or optim_config()
   tx, schedule = make_optimizer(optim, 100), make_schedule(optim, 100)
-  state, shardings = state_lib.create_state(CFG, tx, mesh, jax.random.PRNGKey(0))
-  step = make_train_step(CFG, tx, schedule, document_masking=True, mesh=mesh,
+  state, shardings = state_lib.create_state(cfg, tx, mesh, jax.random.PRNGKey(0))
+  step = make_train_step(cfg, tx, schedule, document_masking=True, mesh=mesh,
                          shardings=shardings)
   losses = []
   for batch in batches(accum):
@@ -108,6 +108,16 @@ def test_gradient_accumulation_equals_one_big_batch(single):
     assert b["tokens"] == a["tokens"]
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=2e-5),
                state1.params, state4.params)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_moments(single):
+  _, metrics1, _, _ = single
+  state, metrics, _, _ = run((1, 1, 1), cfg=CFG.replace(dtype="bfloat16"))
+  for leaf in jax.tree.leaves((state.params, state.opt_state)):
+    assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+  losses = [float(m["loss"]) for m in metrics]
+  np.testing.assert_allclose(losses, [float(m["loss"]) for m in metrics1], rtol=2e-2)
+  assert losses[-1] < losses[0]
 
 
 def test_non_finite_step_leaves_the_state_unchanged(single):

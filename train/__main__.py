@@ -19,6 +19,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from train import xla_flags
+
+xla_flags.apply()  # before JAX starts its backend: faster CPU kernels (train/xla_flags.py)
+
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path of a config file (train/configs/*.py).", lock_config=True)

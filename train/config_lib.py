@@ -257,7 +257,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.optim.lr > 0, "optim.lr", "must be positive")
   need(0.0 <= config.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
   need(config.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+  need(config.optim.warmup_steps < config.num_steps or config.optim.schedule == "constant",
+       "optim.warmup_steps", f"must be below num_steps={config.num_steps}")
   need(0.0 < config.optim.decay_fraction <= 1.0, "optim.decay_fraction", "must be in (0, 1]")
+  need(not config.sample_tokens or config.sample_prompt, "sample_prompt",
+       "must be non-empty when sample_tokens > 0")
   need(config.data.seq_len > 0, "data.seq_len", "must be positive")
   need(0.0 < config.data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
   need(config.eval_batches >= 0, "eval_batches", "must be >= 0 (0: the whole validation split)")

@@ -17,7 +17,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 4
   c.eval_batches = 2
   c.checkpoint_every = 4
-  c.async_checkpoints = False
   c.progress_bar = False
   c.tensorboard = True
   c.peak_flops = 1e11
