@@ -23,6 +23,7 @@ the tests use it as a model whose induction heads are known.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import string
@@ -41,29 +42,37 @@ ALPHABET = string.ascii_letters + string.digits  # 62 printable one-byte tokens
 
 
 def task_config(**overrides) -> ModelConfig:
-  """The demo model: 2 layers, 4 heads, attention only, byte vocabulary."""
-  fields = dict(vocab_size=259, d_model=64, n_layers=2, n_heads=4, ffn="none", max_seq_len=64,
-                position="learned", attn_bias=False, tie_embeddings=True)
+  """The demo model: 2 layers x 4 heads of width 32, attention only, RoPE, byte vocabulary."""
+  fields = dict(vocab_size=259, d_model=64, n_layers=2, n_heads=4, head_dim=32, ffn="none",
+                max_seq_len=32, position="rope", attn_bias=False, tie_embeddings=True)
   return ModelConfig(**{**fields, **overrides})
 
 
 def sample_batch(rng: np.random.Generator, batch: int, seq_len: int, token_ids, min_half: int,
                  max_half: int) -> np.ndarray:
-  """[batch, seq_len]: h random tokens (h random per row) repeated until seq_len."""
+  """[batch, seq_len] random tokens whose first h (random per row) are repeated once."""
   token_ids = np.asarray(token_ids)
   if 2 * max_half > seq_len:
     raise ValueError(f"sample_batch: 2 * max_half={2 * max_half} exceeds seq_len={seq_len}")
-  tokens = np.empty((batch, seq_len), np.int32)
+  tokens = rng.choice(token_ids, size=(batch, seq_len)).astype(np.int32)
   for row, h in enumerate(rng.integers(min_half, max_half + 1, size=batch)):
-    tokens[row] = np.resize(rng.choice(token_ids, h), seq_len)
+    tokens[row, h:2 * h] = tokens[row, :h]
   return tokens
 
 
 def train(cfg: ModelConfig, *, steps: int, batch: int, lr: float, seed: int, token_ids,
-          min_half: int, max_half: int, log_every: int = 100, log=print):
-  """A minimal optax loop (AdamW, cosine decay) on next-token cross-entropy; returns params."""
+          min_half: int, max_half: int, eval_every: int = 250, eval_half: int | None = None,
+          log=print):
+  """A minimal optax loop (AdamW, warmup + cosine) on next-token cross-entropy.
+
+  Every `eval_every` steps it records, on fixed repeated sequences of `eval_half` tokens,
+  the loss on the second copy and every head's induction score. Returns (params, history).
+  """
+  from experiments.interp import ablation, induction
+  from experiments.interp.losses import run_with_intermediates, token_losses
+
   params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps, lr / 10)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10), steps, lr / 10)
   optimizer = optax.adamw(schedule, weight_decay=0.01)
   opt_state = optimizer.init(params)
 
@@ -78,15 +87,29 @@ def train(cfg: ModelConfig, *, steps: int, batch: int, lr: float, seed: int, tok
     return optax.apply_updates(params, updates), opt_state, loss
 
   rng = np.random.default_rng(seed)
+  rep = induction.repeated_tokens(np.random.default_rng(seed + 1), 32,
+                                  eval_half or (min_half + max_half) // 2, token_ids)
+  history = {"step": [], "train_loss": [], "repeated_loss": [], "induction_scores": []}
   start, losses = time.time(), []
   for i in range(1, steps + 1):
     tokens_BT = sample_batch(rng, batch, cfg.max_seq_len + 1, token_ids, min_half, max_half)
     params, opt_state, loss = step(params, opt_state, tokens_BT)
-    losses.append(float(loss))
-    if i % log_every == 0 or i == steps:
-      log(f"step {i}/{steps}  loss {np.mean(losses[-log_every:]):.3f}  "
-          f"({time.time() - start:.0f}s)")
-  return params, losses
+    losses.append(loss)
+    if i % eval_every == 0 or i == steps:
+      _, sown = run_with_intermediates(cfg, params, rep.tokens_BT)
+      scores_LN = induction.induction_scores(sown["attn_weights"], rep)
+      repeated = float(np.asarray(token_losses(cfg, params, rep.tokens_BT))[
+          :, ablation.repeated_half(rep)].mean())
+      history["step"].append(i)
+      history["train_loss"].append(float(np.mean(jax.device_get(losses))))
+      history["repeated_loss"].append(repeated)
+      history["induction_scores"].append(scores_LN.round(4).tolist())
+      losses = []
+      best = np.unravel_index(scores_LN.argmax(), scores_LN.shape)
+      log(f"step {i}/{steps}  train loss {history['train_loss'][-1]:.3f}  loss on the repeated "
+          f"half {repeated:.3f}  best induction score {scores_LN.max():.2f} "
+          f"(L{best[0]}H{best[1]})  ({time.time() - start:.0f}s)")
+  return params, history
 
 
 def handmade_induction_model(vocab: int = 16, max_len: int = 32, sharpness: float = 4.0):
@@ -143,6 +166,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint read at INFO
 
   from experiments import interpret
+  from experiments.interp import figures
   from train import workdir as wd
   from train.tokenizer import ByteTokenizer
 
@@ -152,25 +176,30 @@ def main(argv):
       raise SystemExit(f"{f.workdir} already holds a checkpoint; choose another --workdir or "
                        "pass --overwrite")
     shutil.rmtree(wd.checkpoint_dir(f.workdir))
-  cfg = task_config(d_model=f.d_model, n_heads=f.n_heads, max_seq_len=f.seq_len)
+  cfg = task_config(d_model=f.d_model, n_heads=f.n_heads, head_dim=f.head_dim,
+                    max_seq_len=f.seq_len, position=f.position)
   tokenizer = ByteTokenizer()
-  token_ids = tokenizer.encode(ALPHABET)
+  token_ids = tokenizer.encode(f.alphabet)
   print(model.summary(cfg, name="induction-task"))
-  params, losses = train(cfg, steps=f.steps, batch=f.batch, lr=f.lr, seed=f.seed,
-                         token_ids=token_ids, min_half=f.min_half, max_half=f.max_half)
-  settings = {"alphabet": ALPHABET, "steps": f.steps, "batch": f.batch, "lr": f.lr,
-              "seed": f.seed, "min_half": f.min_half, "max_half": f.max_half,
-              "final_loss": float(np.mean(losses[-50:]))}
+  params, history = train(cfg, steps=f.steps, batch=f.batch, lr=f.lr, seed=f.seed,
+                          token_ids=token_ids, min_half=f.min_half, max_half=f.max_half,
+                          eval_every=f.eval_every, eval_half=f.half)
+  settings = {"alphabet": f.alphabet, "steps": f.steps, "batch": f.batch, "lr": f.lr,
+              "seed": f.seed, "min_half": f.min_half, "max_half": f.max_half}
   wd.save_params(f.workdir, params, step=f.steps)
   wd.write_config(f.workdir, cfg, tokenizer, induction_task=settings)
-  print(f"wrote {f.workdir}")
+  out = f.out or os.path.join(f.workdir, "interpret")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "training.json"), "w") as fh:
+    json.dump(history, fh)
+  figures.training_curves(history, os.path.join(out, "training.png"))
   command = "python -m experiments.induction_task " + " ".join(sys.argv[1:])
-  rng = np.random.default_rng(f.seed + 1)
-  letters = "".join(rng.choice(list(ALPHABET), 12, replace=False))
+  rng = np.random.default_rng(f.seed + 2)
+  letters = "".join(rng.choice(list(f.alphabet), f.half, replace=False))
   interpret.analyze_workdir(
-      f.workdir, f.out or os.path.join(f.workdir, "interpret"), prompt=letters * 2,
-      alphabet=ALPHABET, half=f.max_half, top_k=f.top_k, command=command,
-      title="2-layer attention-only model trained on repeated random letters")
+      f.workdir, out, prompt=letters * 2, target=letters[0], alphabet=f.alphabet, half=f.half,
+      top_k=f.top_k,
+      command=command, title="2-layer attention-only model trained on repeated random letters")
 
 
 if __name__ == "__main__":
@@ -179,15 +208,21 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Where to write the trained model (a workdir).",
                       required=True)
   flags.DEFINE_string("out", None, "Where the figures and report go (default workdir/interpret).")
-  flags.DEFINE_integer("steps", 1500, "Training steps.")
-  flags.DEFINE_integer("batch", 32, "Sequences per step.")
+  flags.DEFINE_integer("steps", 8000, "Training steps.")
+  flags.DEFINE_integer("batch", 64, "Sequences per step.")
   flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
   flags.DEFINE_integer("seed", 0, "Seed of the init and the data.")
   flags.DEFINE_integer("d_model", 64, "Model width.")
   flags.DEFINE_integer("n_heads", 4, "Heads per layer.")
-  flags.DEFINE_integer("seq_len", 64, "Training sequence length (the model's max_seq_len).")
-  flags.DEFINE_integer("min_half", 6, "Shortest repeated prefix.")
-  flags.DEFINE_integer("max_half", 24, "Longest repeated prefix.")
+  flags.DEFINE_integer("head_dim", 32, "Per-head width (wider heads leave RoPE more slowly "
+                       "rotating dimensions for matching content; the circuit forms sooner).")
+  flags.DEFINE_string("position", "rope", "Position encoding (learned, rope, ...).")
+  flags.DEFINE_integer("seq_len", 32, "Training sequence length (the model's max_seq_len).")
+  flags.DEFINE_string("alphabet", string.ascii_lowercase, "Characters the tokens come from.")
+  flags.DEFINE_integer("min_half", 4, "Shortest repeated prefix.")
+  flags.DEFINE_integer("max_half", 16, "Longest repeated prefix.")
+  flags.DEFINE_integer("half", 12, "Copy length of the evaluation sequences and the prompt.")
+  flags.DEFINE_integer("eval_every", 250, "Steps between induction-score measurements.")
   flags.DEFINE_bool("overwrite", False, "Replace the checkpoints of an existing workdir.")
-  flags.DEFINE_integer("top_k", 2, "How many top induction heads the ablation removes together.")
+  flags.DEFINE_integer("top_k", 1, "How many top induction heads the ablation removes together.")
   app.run(main)

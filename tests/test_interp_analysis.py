@@ -43,11 +43,15 @@ def test_induction_score_separates_the_induction_head(copier):
   assert scores_LN[1, 1] < 0.05  # attending to the previous token is not induction
 
 
-def test_copying_score_finds_the_copying_ov_circuit(copier):
-  cfg, params, _, _ = copier
+def test_copying_scores_find_the_copying_ov_circuit(copier):
+  cfg, params, rep, sown = copier
   scores_LN = induction.copying_scores(cfg, params, np.arange(VOCAB - 1))
   assert scores_LN[1, 0] > 0.99  # its OV circuit maps token v to the logit of v
   assert np.abs(np.delete(scores_LN.ravel(), cfg.n_heads)).max() < 1e-6  # writes nothing read
+  z_LN = induction.copying_zscores(cfg, params, sown["resid_pre"], rep.tokens_BT,
+                                   np.arange(VOCAB - 1))
+  assert z_LN[1, 0] > 3.0  # the attended token's logit stands 3+ std above the others
+  assert np.abs(np.delete(z_LN.ravel(), cfg.n_heads)).max() < 1e-6
 
 
 def test_ablating_the_circuit_breaks_copying_and_a_control_does_not(copier):
@@ -95,8 +99,8 @@ def test_final_logit_lens_readout_is_the_models_logits(overrides):
 def test_training_data_repeats_a_random_prefix():
   tokens = sample_batch(np.random.default_rng(0), 4, 40, np.arange(20, 60), 5, 12)
   assert tokens.shape == (4, 40) and tokens.min() >= 20 and tokens.max() < 60
-  for row in tokens:  # periodic with some period h in [5, 12]
-    assert any(np.array_equal(row[h:], row[:-h]) for h in range(5, 13))
+  for row in tokens:  # the first h tokens, h in [5, 12], come again right after
+    assert any(np.array_equal(row[h:2 * h], row[:h]) for h in range(5, 13))
   with pytest.raises(ValueError, match="exceeds seq_len"):
     sample_batch(np.random.default_rng(0), 1, 10, np.arange(5), 2, 6)
 

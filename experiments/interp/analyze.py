@@ -121,9 +121,12 @@ def analyze(cfg: ModelConfig, params, tokenizer, out_dir: str, *, prompt: str, l
   previous_LN = ind.previous_token_scores(rep_sown["attn_weights"], rep.start)
   merged = merge(cfg, params, lora) if lora is not None else params
   copying_LN = ind.copying_scores(cfg, merged, token_ids)
+  copying_z_LN = ind.copying_zscores(cfg, merged, rep_sown["resid_pre"], rep.tokens_BT,
+                                     token_ids)
   files["head_scores"] = figures.head_score_heatmaps(
       {"induction score": induction_LN, "previous-token score": previous_LN,
-       "copying score (OV eigenvalues)": copying_LN}, os.path.join(out_dir, "head_scores.png"))
+       "copying: OV eigenvalues (direct path)": copying_LN,
+       "copying: measured z-score": copying_z_LN}, os.path.join(out_dir, "head_scores.png"))
   order = np.argsort(-induction_LN, axis=None)
   n_heads = cfg.n_layers * cfg.n_heads
   top_heads = [tuple(int(i) for i in np.unravel_index(j, induction_LN.shape))
@@ -145,6 +148,7 @@ def analyze(cfg: ModelConfig, params, tokenizer, out_dir: str, *, prompt: str, l
       "induction_scores": induction_LN.round(4).tolist(),
       "previous_token_scores": previous_LN.round(4).tolist(),
       "copying_scores": copying_LN.round(4).tolist(),
+      "copying_zscores": copying_z_LN.round(4).tolist(),
       "top_induction_heads": [list(h) for h in top_heads],
       "icl_score_repeated": {"score": rep_icl, "early": rep_early, "late": rep_early + half},
       "icl_score_text": text_icl,
@@ -162,11 +166,13 @@ def analyze(cfg: ModelConfig, params, tokenizer, out_dir: str, *, prompt: str, l
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write(_report(cfg, summary, lens_rows, induction_LN, previous_LN, copying_LN, study))
+    f.write(_report(cfg, summary, lens_rows, induction_LN, previous_LN, copying_LN,
+                    copying_z_LN, study))
   return summary
 
 
-def _report(cfg, s, lens_rows, induction_LN, previous_LN, copying_LN, study) -> str:
+def _report(cfg, s, lens_rows, induction_LN, previous_LN, copying_LN, copying_z_LN,
+            study) -> str:
   head_rows = sorted(((induction_LN[i, j], i, j) for i in range(cfg.n_layers)
                       for j in range(cfg.n_heads)), reverse=True)[:8]
   a = s["ablation"]
@@ -188,11 +194,16 @@ def _report(cfg, s, lens_rows, induction_LN, previous_LN, copying_LN, study) -> 
       f"On {s['repeated']['batch']} sequences of {s['repeated']['half']} random tokens repeated "
       "twice. Induction score: mean attention from each second-copy token to the token after "
       "its previous occurrence; previous-token score: mean attention to the previous token; "
-      "copying score: sum(lambda)/sum(|lambda|) of the head's OV circuit W_E W_V W_O W_U "
-      "(+1 copies the attended token).\n\n![head scores](head_scores.png)\n\n"
-      + _md_table(["head", "induction", "previous-token", "copying"],
+      "copying (OV eigenvalues): sum(lambda)/sum(|lambda|) of the head's direct-path OV "
+      "circuit W_E W_V W_O W_U (+1 copies the attended token); copying (measured): the "
+      "z-score of the attended token's logit among all logits when the head reads the real "
+      "residual stream at that position (counts copying through earlier layers' outputs)."
+      "\n\n![head scores](head_scores.png)\n\n"
+      + _md_table(["head", "induction", "previous-token", "copying (eigen)",
+                   "copying (measured z)"],
                   [[f"L{i}H{j}", f"{v:.3f}", f"{previous_LN[i, j]:.3f}",
-                    f"{copying_LN[i, j]:.3f}"] for v, i, j in head_rows])
+                    f"{copying_LN[i, j]:.3f}", f"{copying_z_LN[i, j]:+.2f}"]
+                   for v, i, j in head_rows])
       + f"\n\nIn-context-learning score on the repeated tokens (loss at token "
       f"{s['icl_score_repeated']['late']} minus loss at token "
       f"{s['icl_score_repeated']['early']}): {s['icl_score_repeated']['score']:.3f} nats."

@@ -72,8 +72,9 @@ def head_score_heatmaps(panels: dict[str, np.ndarray], path: str) -> str:
   """Side-by-side layers x heads heatmaps, one per score, values written in the cells."""
   fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
   for ax, (title, scores_LN) in zip(axes[0], panels.items(), strict=True):
-    low = -1.0 if scores_LN.min() < 0 else 0.0
-    image = ax.imshow(scores_LN, cmap="RdBu_r" if low < 0 else "magma", vmin=low, vmax=1,
+    high = max(1.0, float(np.abs(scores_LN).max()))
+    low = -high if scores_LN.min() < 0 else 0.0
+    image = ax.imshow(scores_LN, cmap="RdBu_r" if low < 0 else "magma", vmin=low, vmax=high,
                       aspect="auto")
     fig.colorbar(image, ax=ax)
     ax.set_title(title, fontsize=10)
@@ -84,7 +85,7 @@ def head_score_heatmaps(panels: dict[str, np.ndarray], path: str) -> str:
     if scores_LN.size <= 256:
       for (i, j), value in np.ndenumerate(scores_LN):
         ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                color="gray" if low < 0 else ("black" if value > 0.6 else "white"))
+                color="gray" if low < 0 else ("black" if value > 0.6 * high else "white"))
   return _save(fig, path)
 
 
@@ -113,4 +114,27 @@ def ablation_chart(study, path: str) -> str:
   right.set_ylabel("mean loss (nats)")
   right.set_title("Loss per position on repeated random tokens")
   right.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def training_curves(history: dict, path: str) -> str:
+  """Training loss, loss on the repeated half and each head's induction score vs. step."""
+  steps = np.asarray(history["step"])
+  scores_SLN = np.asarray(history["induction_scores"])
+  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
+  left.plot(steps, history["train_loss"], label="training loss", color="black")
+  left.plot(steps, history["repeated_loss"], label="loss on the repeated half", color="tab:red")
+  left.set_xlabel("step")
+  left.set_ylabel("nats")
+  left.legend(fontsize=8)
+  left.set_title("Loss")
+  for layer in range(scores_SLN.shape[1]):
+    for head in range(scores_SLN.shape[2]):
+      right.plot(steps, scores_SLN[:, layer, head], label=f"L{layer}H{head}",
+                 ls="-" if layer else ":")
+  right.set_xlabel("step")
+  right.set_ylabel("induction score")
+  right.set_ylim(0, 1)
+  right.legend(fontsize=7, ncol=2)
+  right.set_title("Induction score of every head during training")
   return _save(fig, path)

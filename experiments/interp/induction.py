@@ -130,6 +130,42 @@ def copying_scores(cfg: ModelConfig, params, token_ids=None) -> np.ndarray:
   return scores
 
 
+def copying_zscores(cfg: ModelConfig, params, resid_pre_LBTD, tokens_BT, token_ids) -> np.ndarray:
+  """[L, N] measured copying: what each head would write if it attended only to position s,
+  read as logits over token_ids (final norm linearized, centred), as a z-score of the logit of
+  the token at s; averaged over every position of tokens_BT.
+
+  Unlike `copying_scores`, the head reads the real residual stream at s (its value includes
+  what earlier layers wrote there), so a layer-1 head copying through V-composition counts.
+  """
+  n, k, h = cfg.n_heads, cfg.kv_heads, cfg.head_size
+  ids = np.asarray(token_ids)
+  lookup = np.full(cfg.vocab_size, -1)
+  lookup[ids] = np.arange(len(ids))
+  where = lookup[np.asarray(tokens_BT)]  # position -> index into token_ids (-1: not one)
+  scores = np.zeros((cfg.n_layers, n))
+  for layer in range(cfg.n_layers):
+    lp = _layer(cfg, params, layer)
+    x_BTD = jnp.asarray(resid_pre_LBTD[layer])
+    if cfg.norm_placement == "pre":
+      x_BTD = make_norm(cfg, "attn_norm").apply({"params": lp["attn_norm"]}, x_BTD)
+    attn = lp["attn"]
+    w_v = attn["qkv"]["kernel"][:, (n + k) * h:] if cfg.fused_qkv else attn["v"]["kernel"]
+    v_BTKH = np.asarray(x_BTD @ jnp.asarray(w_v, jnp.float32)).reshape(*x_BTD.shape[:2], k, h)
+    if cfg.attn_bias:
+      b_v = attn["qkv"]["bias"][(n + k) * h:] if cfg.fused_qkv else attn["v"]["bias"]
+      v_BTKH = v_BTKH + np.asarray(b_v).reshape(k, h)
+    for head in range(n):
+      _, b_HV = head_ov_factors(cfg, params, layer, head, ids)
+      logits_BTV = v_BTKH[:, :, head // (n // k)] @ b_HV
+      z_BTV = (logits_BTV - logits_BTV.mean(-1, keepdims=True)) / (
+          logits_BTV.std(-1, keepdims=True) + 1e-9)
+      ok = where >= 0
+      scores[layer, head] = np.take_along_axis(z_BTV, np.maximum(where, 0)[..., None],
+                                               -1)[..., 0][ok].mean()
+  return scores
+
+
 def icl_score(losses_BT, early: int, late: int) -> float:
   """Olsson et al.'s in-context-learning score: mean loss at token `late` minus at `early`.
 
