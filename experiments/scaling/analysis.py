@@ -71,6 +71,8 @@ class Analysis:
   dropped: list[str]  # runs left out, with the reason
   split: float = 20.0  # D/N separating L(N)'s data-rich points from L(D)'s model-rich ones
   split_source: str = "the default"
+  # Approach 2 again with N counting the other way (total vs non-embedding), or why not.
+  isoflop_other_params: Any = None
 
   @property
   def params_label(self) -> str:
@@ -130,6 +132,10 @@ def analyze(records: list[dict[str, Any]], settings: FitSettings | None = None) 
   else:
     a.fits["isoflop"] = _try(fits.fit_isoflop, a.n_params[in_group], a.loss[in_group],
                              a.budget[in_group], tokens=a.tokens[in_group], **boot)
+    other = "total" if settings.params == "non_embedding" else "non_embedding"
+    a.isoflop_other_params = _try(fits.fit_isoflop, column(PARAM_KEYS[other])[in_group],
+                                  a.loss[in_group], a.budget[in_group],
+                                  tokens=a.tokens[in_group], **boot)
   a.split = settings.tokens_per_param_split
   iso = a.fit("isoflop")
   if iso is not None:
@@ -195,4 +201,9 @@ def summary_dict(a: Analysis) -> dict[str, Any]:
     else:
       entry["n_points"] = len(fit.loss)
     out[name] = entry
+  other = a.isoflop_other_params
+  if other is not None:
+    out["isoflop_other_params"] = ({"error": other} if isinstance(other, str) else
+                                   {"params": "total" if a.settings.params == "non_embedding"
+                                    else "non_embedding", **_estimates(other)})
   return out

@@ -88,8 +88,9 @@ def plot_loss_vs_variable(a: Analysis, path: str, variable: str) -> str:
       ys = parametric.predict(xs, level) if by_n else parametric.predict(level, xs)
       ax.plot(xs, ys, ":", color=colour(level), lw=1)
   best = per_n_indices(a) if by_n else per_d_indices(a)
-  ax.plot(x[best], a.loss[best], "o", mfc="none", mec="k", ms=9, label="lowest loss per "
-          + ("model size" if by_n else "token level"))
+  ax.plot(x[best], a.loss[best], "o", mfc="none", mec="k", ms=9,
+          label=(f"L(N) points: best per size, D/N ≥ {a.split:.3g}" if by_n else
+                 f"L(D) points: best per token level, D/N ≤ {a.split:.3g}"))
   law = a.fit(f"L({variable})")
   if law is not None:
     xs = _span(x, 2.0)
