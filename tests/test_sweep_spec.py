@@ -108,7 +108,7 @@ def test_kaplan_learning_rate_rule():
   assert spec.kaplan_lr(1e4) > spec.kaplan_lr(1e6)
 
 
-@pytest.mark.parametrize("name", ["smoke", "cpu", "gpu_8x", "tpu_v4_32"])
+@pytest.mark.parametrize("name", ["smoke", "cpu", "lr_probe", "pilot", "gpu_8x", "tpu_v4_32"])
 def test_shipped_sweeps_load_and_expand(name, monkeypatch):
   monkeypatch.setenv("SCALING_CORPUS", "stdlib")  # the accelerator sweeps name their corpus
   sweep = spec.load_sweep(f"experiments/sweeps/{name}.py")
