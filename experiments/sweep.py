@@ -201,6 +201,19 @@ def _write_meta(workdir: str, sweep: spec.Sweep, sweep_path: str, command: str,
   return meta
 
 
+def _train(config, run_dir: str, row: dict[str, Any]) -> tuple[dict[str, Any], str]:
+  """(the trainer's summary, 'completed'), or a stand-in summary and 'diverged: ...'."""
+  from train.trainer import TrainingDiverged, train_and_evaluate
+
+  try:
+    return train_and_evaluate(config, run_dir), "completed"
+  except TrainingDiverged as e:
+    status = f"diverged: {e}"
+    return {"status": status, "n_params": row["n_params"],
+            "n_params_non_embedding": row["n_params_non_embedding"],
+            "flops_per_token": row["flops"] / row["tokens"], "tokens_seen": None}, status
+
+
 def run_sweep(sweep: spec.Sweep, workdir: str, *, sweep_path: str = "", command: str = "",
               max_runs: int | None = None, only: list[str] | None = None, log=print
               ) -> list[dict[str, Any]]:
@@ -208,12 +221,12 @@ def run_sweep(sweep: spec.Sweep, workdir: str, *, sweep_path: str = "", command:
 
   Returns the records written by this call. A run the trainer reports as interrupted
   (SIGINT/SIGTERM: it saved a checkpoint) stops the sweep without a record; rerunning
-  resumes it.
+  resumes it. A signal outside a run's training loop stops the sweep after that run.
   """
   import jax
 
   from train import config_lib
-  from train.trainer import TrainingDiverged, train_and_evaluate
+  from train.trainer import _StopSignals
 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -231,47 +244,47 @@ def run_sweep(sweep: spec.Sweep, workdir: str, *, sweep_path: str = "", command:
     peak = total_peak(measure_matmul_peak())  # once, not at the start of every run
   written = []
   todo = [r for r in runs if r.name not in done]
-  for run in runs:
-    config = sweep.training_config(run)
-    if peak is not None:
-      config_lib.set_override(config, "peak_flops", peak)
-    config_dict = config_lib.to_dict(config)
-    if run.name in done:
-      if done[run.name].get("config_hash") != config_hash(config_dict):
-        raise spec.SweepError(
-            f"run {run.name!r} has a record made with a different config (was the sweep file "
-            f"edited?). Use a new --workdir, or remove its line from {results_path(workdir)} "
-            f"and its directory {os.path.join(workdir, RUNS_DIR, run.name)}.")
-      continue
-    if max_runs is not None and len(written) >= max_runs:
-      log(f"stopping after {max_runs} run(s) (--max_runs); rerun to continue")
-      break
-    run_dir = os.path.join(workdir, RUNS_DIR, run.name)
-    _check_run_dir(run_dir, config_dict, run.name)
-    index = len(written) + 1
-    log(f"[{index}/{len(todo)}] {run.name}: {run.shape.name}, {config.num_steps} steps, "
-        f"lr {run.lr:.2e} -> {run_dir}")
-    start = time.time()
-    status = "completed"
-    try:
-      summary = train_and_evaluate(config, run_dir)
-    except TrainingDiverged as e:
-      status = f"diverged: {e}"
-      row = next(r for r in rows if r["name"] == run.name)
-      summary = {"status": status, "n_params": row["n_params"],
-                 "n_params_non_embedding": row["n_params_non_embedding"],
-                 "flops_per_token": row["flops"] / row["tokens"], "tokens_seen": None}
-      log(f"  {run.name} diverged; recorded without a loss")
-    if status == "completed" and summary.get("status") != "completed":
-      log(f"  {run.name}: {summary.get('status')}; stopping the sweep (rerun to resume)")
-      break
-    record = make_record(sweep, run, config, summary, workdir=workdir, run_dir=run_dir,
-                         runner_wall_time_s=time.time() - start, status=status)
-    if lead:
-      append_record(results_path(workdir), record)
-    written.append(record)
-    log(f"  {run.name}: val_loss {record['final_val_loss']:.4f}, bpb "
-        f"{record['final_val_bpb']:.4f}, {record['runner_wall_time_s']:.0f} s")
+  # A signal outside the trainer (compiling, loading data, between runs; a background
+  # shell even starts us with SIGINT ignored) stops the sweep after the current run;
+  # inside a run the trainer's own handler saves a checkpoint and returns at once.
+  with _StopSignals() as stop:
+    for run in runs:
+      config = sweep.training_config(run)
+      if peak is not None:
+        config_lib.set_override(config, "peak_flops", peak)
+      config_dict = config_lib.to_dict(config)
+      if run.name in done:
+        if done[run.name].get("config_hash") != config_hash(config_dict):
+          raise spec.SweepError(
+              f"run {run.name!r} has a record made with a different config (was the sweep file "
+              f"edited?). Use a new --workdir, or remove its line from {results_path(workdir)} "
+              f"and its directory {os.path.join(workdir, RUNS_DIR, run.name)}.")
+        continue
+      if max_runs is not None and len(written) >= max_runs:
+        log(f"stopping after {max_runs} run(s) (--max_runs); rerun to continue")
+        break
+      run_dir = os.path.join(workdir, RUNS_DIR, run.name)
+      _check_run_dir(run_dir, config_dict, run.name)
+      index = len(written) + 1
+      log(f"[{index}/{len(todo)}] {run.name}: {run.shape.name}, {config.num_steps} steps, "
+          f"lr {run.lr:.2e} -> {run_dir}")
+      start = time.time()
+      summary, status = _train(config, run_dir, next(r for r in rows if r["name"] == run.name))
+      if status != "completed":
+        log(f"  {run.name} diverged; recorded without a loss")
+      elif summary.get("status") != "completed":
+        log(f"  {run.name}: {summary.get('status')}; stopping the sweep (rerun to resume)")
+        break
+      record = make_record(sweep, run, config, summary, workdir=workdir, run_dir=run_dir,
+                           runner_wall_time_s=time.time() - start, status=status)
+      if lead:
+        append_record(results_path(workdir), record)
+      written.append(record)
+      log(f"  {run.name}: val_loss {record['final_val_loss']:.4f}, bpb "
+          f"{record['final_val_bpb']:.4f}, {record['runner_wall_time_s']:.0f} s")
+      if stop.received is not None:
+        log("  a stop signal arrived: stopping after this run (rerun to continue)")
+        break
   return written
 
 

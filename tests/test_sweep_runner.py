@@ -157,6 +157,27 @@ def test_an_interrupted_run_stops_the_sweep_without_a_record(tmp_path, monkeypat
   assert read_records(results_path(str(tmp_path))) == []
 
 
+def test_a_signal_between_runs_stops_the_sweep_after_the_current_run(tmp_path, monkeypatch):
+  import signal
+
+  import train.trainer
+
+  calls = []
+
+  def signalled_then_finished(config, workdir):
+    calls.append(workdir)
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives outside the trainer's own handler
+    return {"status": "completed", "step": config.num_steps, "n_params": 200,
+            "n_params_non_embedding": 100, "tokens_seen": 1000.0, "flops_per_token": 900.0,
+            "val_loss": 2.0, "best_val_loss": 2.0, "val_bpb": 3.0, "total_wall_time_s": 1.0}
+
+  monkeypatch.setattr(train.trainer, "train_and_evaluate", signalled_then_finished)
+  written = sweep.run_sweep(spec.load_sweep(SMOKE), str(tmp_path), log=lambda *_: None)
+  assert len(calls) == 1 and [r["name"] for r in written] == [spec.load_sweep(SMOKE).runs[0].name]
+  assert len(read_records(results_path(str(tmp_path)))) == 1
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the runner's handler is gone
+
+
 def test_plan_and_sweep_names():
   assert sweep.resolve_sweep_path("cpu") == os.path.join("experiments", "sweeps", "cpu.py")
   assert sweep.resolve_sweep_path("my/sweep.py") == "my/sweep.py"
