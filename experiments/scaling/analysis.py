@@ -146,6 +146,9 @@ def analyze(records: list[dict[str, Any]], settings: FitSettings | None = None) 
   by_n, by_d = per_n_indices(a), per_d_indices(a)
   a.fits["L(N)"] = _try(fits.fit_power_law, a.n_params[by_n], a.loss[by_n], variable="N", **boot)
   a.fits["L(D)"] = _try(fits.fit_power_law, a.tokens[by_d], a.loss[by_d], variable="D", **boot)
+  for name, unit, sign in (("L(N)", "size", "≥"), ("L(D)", "D level", "≤")):
+    if isinstance(a.fits[name], str):
+      a.fits[name] += f" (its points: the best run per {unit} with D/N {sign} {a.split:.3g})"
   for name, flops in (("L(C)", a.flops_6nd), ("L(C_attn)", a.flops)):
     front = frontier_indices(a, name)
     a.fits[name] = _try(fits.fit_power_law, flops[front], a.loss[front], variable="C", **boot)

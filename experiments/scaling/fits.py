@@ -466,7 +466,7 @@ def _isoflop_quantities(n, loss, budgets, budget_values, d=None):
   if len(valid) < 2:
     problems = "; ".join(f"C={p.budget:.3g}: {p.problem}" for p in profiles if not p.valid)
     raise InsufficientData(f"approach 2 needs >= 2 budgets with an interior minimum; got "
-                           f"{len(valid)} ({problems})")
+                           f"{len(valid)}" + (f" ({problems})" if problems else ""))
   log_c = np.log([p.budget for p in valid])
   log_n = np.log([p.n_opt for p in valid])
   log_d = np.log([p.d_opt for p in valid])
