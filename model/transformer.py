@@ -71,13 +71,26 @@ class SelfAttention(nn.Module):
 
     if kv is None:
       k_BSKH, v_BSKH, new_kv = k_BTKH, v_BTKH, None
-    else:
+    elif len(kv) == 2:  # scanned layers: this layer's [B, S, K, H] slice of the cache
       def write(cache_SKH, new_TKH, start):
         return lax.dynamic_update_slice_in_dim(cache_SKH, new_TKH.astype(cache_SKH.dtype),
                                                start, axis=0)
       k_BSKH = jax.vmap(write)(kv[0], k_BTKH, cache_start_B)
       v_BSKH = jax.vmap(write)(kv[1], v_BTKH, cache_start_B)
       new_kv = (k_BSKH, v_BSKH)
+    else:
+      # Unrolled layers: the whole [L, B, S, K, H] cache threads through the blocks and each
+      # writes its rows in place, instead of slicing a layer out and stacking them back
+      # (two copies of the cache per decoded token).
+      k_LBSKH, v_LBSKH, layer = kv
+
+      def write(cache_LSKH, new_TKH, start):
+        return lax.dynamic_update_slice(cache_LSKH, new_TKH[None].astype(cache_LSKH.dtype),
+                                        (layer, start, 0, 0))
+      k_LBSKH = jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)(k_LBSKH, k_BTKH, cache_start_B)
+      v_LBSKH = jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)(v_LBSKH, v_BTKH, cache_start_B)
+      k_BSKH, v_BSKH = k_LBSKH[layer], v_LBSKH[layer]
+      new_kv = (k_LBSKH, v_LBSKH, layer)
 
     dropout_fn = None
     if cfg.attn_dropout_rate > 0 and not self.deterministic:
@@ -223,14 +236,15 @@ class Transformer(nn.Module):
       )(cfg, self.deterministic, name="layers")
       x_BTD, new_kv = stack(x_BTD, layer_in, positions_BT, mask, cache_start_B)
     else:
-      new_kv_per_layer = []
+      per_layer = {key: value for key, value in layer_in.items() if key != "kv"}
+      new_kv = kv_LBSKH
       for i in range(cfg.n_layers):
-        layer_in_i = jax.tree.map(lambda a, i=i: a[i], layer_in)
+        layer_in_i = jax.tree.map(lambda a, i=i: a[i], per_layer)
+        if new_kv is not None:
+          layer_in_i["kv"] = (*new_kv, i)
         x_BTD, kv_i = block_cls(cfg, self.deterministic, name=f"layers_{i}")(
             x_BTD, layer_in_i, positions_BT, mask, cache_start_B)
-        new_kv_per_layer.append(kv_i)
-      new_kv = None if kv_LBSKH is None else jax.tree.map(lambda *a: jnp.stack(a),
-                                                          *new_kv_per_layer)
+        new_kv = None if kv_i is None else kv_i[:2]
 
     if cfg.norm_placement == "pre":
       x_BTD = make_norm(cfg, "final_norm")(x_BTD)
