@@ -26,11 +26,14 @@ from sample.strategies import Sampling, from_args
 class Generator:
   """A model, its parameters (layers unrolled once for decoding) and its tokenizer."""
 
-  def __init__(self, cfg, params, tokenizer, *, lora=None, step: int | None = None):
+  def __init__(self, cfg, params, tokenizer, *, lora=None, step: int | None = None,
+               stop_ids: Sequence[int] = ()):
+    """`stop_ids`: token ids that end a row besides the tokenizer's eos (Phi-3 has three)."""
     engine._check_lora(cfg, lora)
     self.cfg, self.params, self.lora = engine.decode_model(cfg, params, lora)
     self.tokenizer = tokenizer
     self.step = step
+    self.stop_ids = tuple(int(i) for i in stop_ids)
     if tokenizer.vocab_size > cfg.vocab_size:
       raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
                        f"{cfg.vocab_size}")
@@ -38,10 +41,12 @@ class Generator:
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> Generator:
     """Config, tokenizer and the latest (or given) checkpoint's params (+ LoRA adapters)."""
-    from train.workdir import load_tokenizer, restore_params
+    from train.workdir import load_tokenizer, read_config, restore_params
 
     cfg, params, lora, step = restore_params(workdir, step)
-    return cls(cfg, params, load_tokenizer(workdir), lora=lora, step=step)
+    # An imported checkpoint records every id its generation config stops at (model/hf).
+    stop_ids = read_config(workdir).get("source", {}).get("stop_ids") or ()
+    return cls(cfg, params, load_tokenizer(workdir), lora=lora, step=step, stop_ids=stop_ids)
 
   # ---- tokens ----------------------------------------------------------------------------
   def encode(self, prompt: str) -> list[int]:
@@ -65,6 +70,7 @@ class Generator:
     if any(not isinstance(s, str) for s in strings):
       raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
     ids = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
+    ids += [i for i in self.stop_ids if i not in ids]
     for s in strings:
       encoded = self.tokenizer.encode(s)
       if len(encoded) == 1 and self.tokenizer.decode(encoded) == s:

@@ -72,6 +72,19 @@ def test_stop_strings_end_the_text(gen):
   assert streamed == cut
 
 
+def test_workdir_stop_ids_end_generation(tmp_path, gen):
+  """Ids recorded in config.json["source"]["stop_ids"] (an HF import) stop a row like eos."""
+  from sample.engine import generate_ids
+  prompt = gen.tokenizer.encode("Hello")
+  free_ids = generate_ids(gen.cfg, gen.params, [prompt], 12, stop_ids=(gen.tokenizer.eos_id,))[0]
+  stop = free_ids[3]
+  path = make_workdir(tmp_path / "stops")
+  write_config(path, CFG, ByteTokenizer(), source={"stop_ids": [stop]})
+  stopped = Generator.from_workdir(path).generate("Hello", max_new_tokens=12)
+  assert stopped == gen.tokenizer.decode(free_ids[:free_ids.index(stop)])
+  assert stopped != gen.generate("Hello", max_new_tokens=12)
+
+
 def test_detokenizer_never_splits_a_multibyte_character():
   tok = ByteTokenizer()
   text = "naïve café: 3€ 🙂 ok"
