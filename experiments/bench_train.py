@@ -15,10 +15,12 @@ machine is shared: each round's MFU uses the peak measured next to it, and the
 load average is printed). Recomputation (remat) is not counted as model FLOPs.
 
 Implementation knobs (they do not change the model's math): --remat (default
-'full': recompute each block in the backward pass, which on CPU beats storing
-the scanned layers' residuals), --attention_impl (default 'xla'),
---scan_layers, and the CPU XLA flags of train/xla_flags.py (--noxla_flags to
-compare without them).
+'dots': keep the matmul outputs, recompute the rest of each block in the
+backward pass, which on CPU beats storing the scanned layers' residuals),
+--attention_impl (default 'chunked': flash-style, skips masked blocks),
+--scan_layers, and the CPU XLA flags of train/xla_flags.py (YNNPACK dot and
+reduce fusions, two CPU devices running half a batch each; --noxla_flags to
+compare without them, TRANSFORMER_LAB_CPU_DEVICES=1 for one device).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("presets", ["nanogpt-baby", "shakespeare-char"], "Presets to time.")
 flags.DEFINE_integer("steps", 0, "Steps per timing round (0: about 1 second per round).")
 flags.DEFINE_integer("rounds", 5, "Timing rounds per preset (a peak measurement between each).")
-flags.DEFINE_string("remat", "full", "ModelConfig.remat for the timed step.")
-flags.DEFINE_string("attention_impl", "xla", "ModelConfig.attention_impl for the timed step.")
+flags.DEFINE_string("remat", "dots", "ModelConfig.remat for the timed step.")
+flags.DEFINE_string("attention_impl", "chunked", "ModelConfig.attention_impl for the timed step.")
 flags.DEFINE_bool("scan_layers", True, "ModelConfig.scan_layers for the timed step.")
 flags.DEFINE_bool("xla_flags", True, "Apply the CPU XLA flags of train/xla_flags.py.")
 flags.DEFINE_bool("torch", False, "Also time a PyTorch eager implementation of the same shapes.")
@@ -92,7 +94,7 @@ def bench_jax(name, rows, seq_len):
                          attention_impl=FLAGS.attention_impl, scan_layers=FLAGS.scan_layers)
   ocfg = default.get_config().optim
   tx, schedule = optim_lib.make_optimizer(ocfg, 10_000), optim_lib.make_schedule(ocfg, 10_000)
-  mesh = state_lib.make_run_mesh((1, 1, 1), jax.devices()[:1])
+  mesh = state_lib.make_run_mesh((-1, 1, 1))  # data parallel over the local devices
   state, shardings = state_lib.create_state(cfg, tx, mesh, jax.random.PRNGKey(0))
   step = make_train_step(cfg, tx, schedule, document_masking=False, mesh=mesh,
                          shardings=shardings)
@@ -204,8 +206,9 @@ def main(argv):
   results = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "load_before": os.getloadavg(),
              "devices": str(jax.devices()[0]), "presets": {}}
   print(f"{_load()}; {os.cpu_count()} CPUs; jax {jax.__version__} on "
-        f"{jax.devices()[0].platform}; remat={FLAGS.remat} attention_impl={FLAGS.attention_impl} "
-        f"scan_layers={FLAGS.scan_layers}; XLA_FLAGS={results['xla_flags']!r}", flush=True)
+        f"{jax.devices()[0].platform} x {jax.device_count()} devices; remat={FLAGS.remat} "
+        f"attention_impl={FLAGS.attention_impl} scan_layers={FLAGS.scan_layers}; "
+        f"XLA_FLAGS={results['xla_flags']!r}", flush=True)
   for name in FLAGS.presets:
     if name not in SHAPES:
       raise app.UsageError(f"unknown preset {name!r}; choose from {sorted(SHAPES)}")

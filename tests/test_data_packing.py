@@ -112,4 +112,8 @@ def test_eval_batches_cover_the_split_once(source):
   assert len(batches) == -(-len(source) // 4)
   masked = sum(b["loss_mask"].sum() for b in batches)
   assert masked == source.num_target_tokens
-  assert len(list(data_lib.eval_batches(source, batch_size=4, max_batches=2))) == 2
+  spread = list(data_lib.eval_batches(source, batch_size=4, max_batches=2))
+  assert len(spread) == 2
+  first, last = source[0]["inputs"], source[len(source) - 1]["inputs"]
+  np.testing.assert_array_equal(spread[0]["inputs"][0, 0], first)  # spread over the split:
+  np.testing.assert_array_equal(spread[1]["inputs"][0, -1], last)  # first and last window

@@ -164,17 +164,19 @@ def train_iterator(source: PackedWindows, *, batch_size: int, accum: int = 1, se
 
 def eval_batches(source: PackedWindows, *, batch_size: int, max_batches: int = 0,
                  process_index: int | None = None, process_count: int | None = None):
-  """The validation windows in order as [1, b_local, T] batches; the last is padded with
-  fully masked rows. `max_batches` > 0 keeps only the first ones."""
+  """The validation windows as [1, b_local, T] batches, the last padded with fully masked
+  rows. `max_batches` > 0 scores only that many batches of windows spread evenly over the
+  split (the first windows alone would favour the first documents)."""
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   rows = _local_rows(batch_size, pi, pc)
-  n = -(-len(source) // batch_size)
-  if max_batches:
-    n = min(n, max_batches)
-  for b in range(n):
-    idx = np.arange(b * batch_size, (b + 1) * batch_size)
-    valid = idx < len(source)
-    batch = source.windows(np.where(valid, idx, 0))
+  order = np.arange(len(source))
+  if max_batches and max_batches * batch_size < len(source):
+    order = np.linspace(0, len(source) - 1, max_batches * batch_size).round().astype(np.int64)
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    valid = np.arange(batch_size) < len(idx)
+    idx = np.pad(idx, (0, batch_size - len(idx)))
+    batch = source.windows(idx)
     batch["loss_mask"] = batch["loss_mask"] * valid[:, None]
     yield {k: v[rows][None] for k, v in batch.items()}

@@ -217,10 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def check_finite():
     bad = acc.count_nonfinite()
     if bad:
+      ckpt.wait()
       last_ok = ckpt.latest_step()
-      ckpt.close()
-      writer.close()
-      progress.close()
       raise TrainingDiverged(
           f"the loss became non-finite (NaN/inf) in {bad} step(s) before step {step}; the run "
           f"stopped without saving the broken state. The last good checkpoint is step "
@@ -233,16 +231,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     reduced = acc.reduce_and_reset()
     if not reduced:
       return
-    dt = clock.interval
-    tok_s = clock.interval_steps * batch_tokens / dt if dt > 0 else float("nan")
+    dt = clock.interval  # None below: only the compiling first step in this interval
+    tok_s = clock.interval_steps * batch_tokens / dt if dt > 0 else None
     last_train = {"loss": reduced["loss"], "lr": reduced["lr"],
                   "grad_norm": reduced["grad_norm"], "param_norm": reduced["param_norm"],
                   "tokens_seen": tokens_seen, "tokens_per_sec": tok_s,
-                  "step_time_s": dt / clock.interval_steps if dt > 0 else float("nan"),
-                  "mfu": flops.mfu(tok_s, flops_per_token, peak)}
+                  "step_time_s": dt / clock.interval_steps if dt > 0 else None,
+                  "mfu": flops.mfu(tok_s, flops_per_token, peak) if tok_s else None}
     clock.reset_interval()
     writer.write(step, "train", last_train)
-    progress.update(0, loss=f"{reduced['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+    progress.update(0, loss=f"{reduced['loss']:.3f}", tok_s=f"{tok_s or 0:,.0f}")
 
   def run_eval():
     nonlocal last_eval, best_val
@@ -257,10 +255,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.write(step, "sample", {"text": text})
       log(f"sample: {text!r}")
 
-  progress = Progress(config.num_steps, initial=start_step, enabled=config.progress_bar)
-  log = progress.log
-  prev = None
-  with _StopSignals() as signals:
+  def _loop() -> str:
+    nonlocal state, step, tokens_seen, prev
+    status = "completed"
     while step < config.num_steps:
       clock.start()
       batch = put_batch(next(it), mesh, config.batch_size // config.grad_accum_steps)
@@ -293,18 +290,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         break
     if step == start_step and not last_eval:  # nothing to train: report the restored state
       run_eval()
+    return status
+
+  progress = Progress(config.num_steps, initial=start_step, enabled=config.progress_bar)
+  log = progress.log
+  prev = None
+  try:
+    with _StopSignals() as signals:
+      status = _loop()
+  except BaseException:  # finish pending saves and flush the event files, then re-raise
+    progress.close()
+    ckpt.close()
+    writer.close()
+    raise
   progress.close()
-  ckpt.close()
+  ckpt.wait()
 
   if not last_train:
-    last_train = {"loss": float("nan"), "tokens_per_sec": float("nan"), "mfu": float("nan")}
-  session_tok_s = clock.steps * batch_tokens / clock.total if clock.total > 0 else float("nan")
+    last_train = {"loss": None}
+  session_tok_s = clock.steps * batch_tokens / clock.total if clock.total > 0 else None
   summary = {
       "status": status, "step": step, "num_steps": config.num_steps,
       "tokens_seen": tokens_seen, "train_loss": last_train["loss"],
       "val_loss": last_eval.get("val_loss"), "val_ppl": last_eval.get("val_ppl"),
       "val_bpb": last_eval.get("val_bpb"), "best_val_loss": best_val,
-      "tokens_per_sec": session_tok_s, "mfu": flops.mfu(session_tok_s, flops_per_token, peak),
+      "tokens_per_sec": session_tok_s,
+      "mfu": flops.mfu(session_tok_s, flops_per_token, peak) if session_tok_s else None,
       "peak_flops": peak, "flops_per_token": flops_per_token,
       "n_params": n_params, "n_params_non_embedding": n_params_non_embedding,
       "wall_time_s": time.time() - session_start,
@@ -315,6 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "batch_size": config.batch_size, "devices": jax.device_count(),
       "sample_command": sample_command(workdir, config.sample_prompt),
   }
+  ckpt.close()
   writer.write(step, "summary", summary)
   writer.close()
   if lead:
