@@ -233,8 +233,9 @@ def split_documents(documents: Sequence[Document], val_fraction: float, *,
       (val if hash_fraction(piece.name) < val_fraction else train).append(piece)
   if not train or not val:
     which = "training" if not train else "validation"
+    pieces = f" cut into {len(train) + len(val)} pieces" if chunk_chars > 0 else ""
     raise CorpusError(
-        f"the {which} split is empty ({len(documents)} documents, val_fraction={val_fraction}); "
-        "use more documents, or cut long ones into pieces with --config.data.split_chunk_chars="
-        "20000")
+        f"the {which} split is empty ({len(documents)} documents{pieces}, val_fraction="
+        f"{val_fraction}); use more documents, or cut long ones into (smaller) pieces with "
+        f"--config.data.split_chunk_chars={max(chunk_chars // 4, 1000) if chunk_chars else 20000}")
   return train, val

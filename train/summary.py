@@ -8,10 +8,17 @@ import shlex
 from typing import Any
 
 
+def _shell_quote(text: str) -> str:
+  """A shell word for `text`; newlines and tabs as bash's $'...' escapes."""
+  if text.isprintable():
+    return shlex.quote(text)
+  return "$'" + text.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
+
+
 def sample_command(workdir: str, prompt: str) -> str:
   rel = os.path.relpath(workdir)
   shown = workdir if rel.startswith("..") else rel
-  return f"python -m sample --workdir={shlex.quote(shown)} --prompt={shlex.quote(prompt)}"
+  return f"python -m sample --workdir={shlex.quote(shown)} --prompt={_shell_quote(prompt)}"
 
 
 def _fmt(value, spec: str) -> str:
