@@ -50,14 +50,21 @@ class Generator:
 
   # ---- tokens ----------------------------------------------------------------------------
   def encode(self, prompt: str) -> list[int]:
-    """Prompt ids; an empty prompt becomes the bos token (a model needs one token)."""
+    """Prompt ids; an empty prompt becomes one start token (a model needs one token).
+
+    The start token is bos where the tokenizer prepends it to every text (Llama, Phi-3);
+    otherwise eos, the end-of-text separator training packs between documents (GPT-2's
+    convention for unconditional samples).
+    """
     if not isinstance(prompt, str):
       raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
     ids = list(self.tokenizer.encode(prompt))
     if not ids:
-      if self.tokenizer.bos_id is None:
-        raise ValueError("the prompt is empty and the tokenizer has no bos token to start from")
-      ids = [self.tokenizer.bos_id]
+      tok = self.tokenizer
+      start = tok.bos_id if getattr(tok, "add_bos", False) or tok.eos_id is None else tok.eos_id
+      if start is None:
+        raise ValueError("the prompt is empty and the tokenizer has no bos/eos token to start from")
+      ids = [start]
     return ids
 
   def _stops(self, stop) -> tuple[tuple[str, ...], tuple[int, ...]]:

@@ -114,9 +114,18 @@ def test_top_next_tokens_is_the_softmax_of_the_last_logits(gen):
   np.testing.assert_allclose([p for _, p in top], probs[order], rtol=1e-5)
 
 
-def test_empty_prompt_starts_from_bos(gen):
-  assert gen.encode("") == [ByteTokenizer.bos_id]
+def test_empty_prompt_starts_from_the_end_of_text_separator(gen):
+  # Trained workdirs join documents with eos, so an unconditional sample starts after one.
+  assert gen.encode("") == [ByteTokenizer.eos_id]
   assert isinstance(gen.generate("", max_new_tokens=4), str)
+
+
+def test_empty_prompt_starts_from_bos_when_the_tokenizer_prepends_it(gen):
+  class PrependsBos(ByteTokenizer):
+    add_bos = True
+
+  with_bos = Generator(gen.cfg, gen.params, PrependsBos())
+  assert with_bos.encode("") == [ByteTokenizer.bos_id]
 
 
 def test_lora_adapters_are_restored_and_used(tmp_path):
