@@ -4,6 +4,8 @@
   opt_state  the optimizer state (AdamW moments, counts)
   meta       JSON: step, PRNG key, tokens seen, best validation loss, wall time
   data       JSON: the grain iterator state (the position in the data stream)
+  lora       a LoRA fine-tune's adapters (the trained state); 'params' then holds the
+             frozen base, so readers of 'params' (+ 'lora') need nothing new
 
 Orbax writes each checkpoint into a temporary directory and renames it when
 complete, and deletes old ones only after that, so a crash or a kill during a
@@ -26,11 +28,18 @@ from train.state import TrainState
 
 
 class Checkpointer:
-  """Save and restore TrainState + data iterator state + metadata."""
+  """Save and restore TrainState + data iterator state + metadata.
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+  With `frozen_params` (a LoRA fine-tune) the state's params are saved and
+  restored as the 'lora' item and `frozen_params` are saved as 'params'.
+  """
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
+               frozen_params=None):
     self.workdir = workdir
     self.mngr = workdir_lib.checkpoint_manager(workdir, max_to_keep=keep, async_save=async_save)
+    self.frozen_params = frozen_params
+    self.trained_item = "params" if frozen_params is None else "lora"
 
   @property
   def directory(self) -> str:
@@ -44,9 +53,11 @@ class Checkpointer:
     step = int(jax.device_get(state.step))
     meta = {**meta, "step": step,
             "rng": np.asarray(jax.device_get(state.rng)).astype(np.int64).tolist()}
-    items = {"params": ocp.args.StandardSave(state.params),
+    items = {self.trained_item: ocp.args.StandardSave(state.params),
              "opt_state": ocp.args.StandardSave(state.opt_state),
              "meta": ocp.args.JsonSave(meta)}
+    if self.frozen_params is not None:
+      items["params"] = ocp.args.StandardSave(self.frozen_params)
     if data_state is not None:
       items["data"] = ocp.args.JsonSave(data_state)
     if step in self.mngr.all_steps():
@@ -64,7 +75,8 @@ class Checkpointer:
       return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           tree, shard_tree)
 
-    items = {"params": ocp.args.StandardRestore(target(abstract.params, shardings.params)),
+    items = {self.trained_item: ocp.args.StandardRestore(target(abstract.params,
+                                                                 shardings.params)),
              "opt_state": ocp.args.StandardRestore(target(abstract.opt_state,
                                                           shardings.opt_state)),
              "meta": ocp.args.JsonRestore()}
@@ -75,7 +87,7 @@ class Checkpointer:
     meta = dict(restored["meta"])
     rng = jax.device_put(jnp.asarray(np.asarray(meta["rng"], np.uint32)), shardings.rng)
     step_arr = jax.device_put(jnp.asarray(meta["step"], jnp.int32), shardings.step)
-    state = TrainState(step=step_arr, params=restored["params"],
+    state = TrainState(step=step_arr, params=restored[self.trained_item],
                        opt_state=restored["opt_state"], rng=rng)
     return state, (dict(restored["data"]) if has_data else None), meta
 

@@ -27,7 +27,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from model.config import ModelConfig
+from model.config import LORA_TARGETS, ModelConfig
 from model.presets import PRESETS, get_preset
 
 
@@ -265,6 +265,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.data.seq_len > 0, "data.seq_len", "must be positive")
   need(0.0 < config.data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
   need(config.eval_batches >= 0, "eval_batches", "must be >= 0 (0: the whole validation split)")
+  rank = config.model.lora_rank or 0
+  if config.get("init_from") or rank:  # a LoRA fine-tune (train/finetune.py)
+    need(config.get("init_from"), "init_from",
+         "is empty: a LoRA run (model.lora_rank > 0) fine-tunes a base model; pass "
+         "--config.init_from=runs/BASE (a workdir trained here or imported with "
+         "`python -m model.hf import`)")
+    need(rank > 0, "model.lora_rank", "must be > 0: a run with init_from trains LoRA adapters")
+    for target in config.model.lora_targets or ():
+      need(target in LORA_TARGETS, "model.lora_targets",
+           f"unknown projection {target!r}; known: {LORA_TARGETS}")
+    return  # the model is the base's, checked against it when the run starts
   cfg = model_config(config, vocab_size=config.model.vocab_size or 256)
   need(cfg.position != "learned" or config.data.seq_len <= cfg.max_seq_len, "data.seq_len",
        f"exceeds model.max_seq_len={cfg.max_seq_len} of the learned position table")

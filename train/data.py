@@ -92,18 +92,25 @@ def _encode_all(tokenizer: tok_lib.Tokenizer, docs) -> list[np.ndarray]:
   return [np.asarray(x, np.int32) for x in ids]
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
-  """Read, split, tokenize (or load from the cache) and pack the corpus of config.data."""
+def prepare_data(config: ml_collections.ConfigDict, workdir: str,
+                 tokenizer: tok_lib.Tokenizer | None = None) -> PreparedData:
+  """Read, split, tokenize (or load from the cache) and pack the corpus of config.data.
+
+  `tokenizer` (a fine-tune's base tokenizer) replaces the workdir's or a trained one.
+  """
   dcfg = config.data
   corpus = corpus_lib.read_corpus(dcfg.corpus, jsonl_field=dcfg.jsonl_field)
   train_docs, val_docs = corpus_lib.split_documents(corpus.documents, dcfg.val_fraction,
                                                     chunk_chars=dcfg.split_chunk_chars)
   corpus_key = make_key(corpus.fingerprint(), dcfg.val_fraction, dcfg.split_chunk_chars)
   cache = TokenCache(dcfg.cache_dir or None)
-  tokenizer = load_or_train_tokenizer(config.tokenizer, workdir, train_docs, corpus_key, cache)
-  for name in ("eos_id", "pad_id"):
-    if getattr(tokenizer, name) is None:
-      raise ValueError(f"the tokenizer has no {name}; packing needs an end-of-text and a pad id")
+  if tokenizer is None:
+    tokenizer = load_or_train_tokenizer(config.tokenizer, workdir, train_docs, corpus_key, cache)
+  if tokenizer.eos_id is None:
+    raise ValueError("the tokenizer has no eos_id; packing ends each document with one")
+  # Padding is outside the loss mask and the documents' segments, so any id will do; imported
+  # tokenizers (GPT-2, Llama) often have no pad token.
+  pad_id = tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id
   tokens_key = make_key("tokens", corpus_key, _tokenizer_identity(tokenizer))
   splits, hit = {}, True
   for split, docs in (("train", train_docs), ("val", val_docs)):
@@ -116,7 +123,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedDat
 
   def pack(docs):
     return PackedWindows.from_documents(docs, seq_len=dcfg.seq_len, eot_id=tokenizer.eos_id,
-                                        pad_id=tokenizer.pad_id,
+                                        pad_id=pad_id,
                                         document_masking=dcfg.document_masking)
 
   train, val = pack(splits["train"]), pack(splits["val"])

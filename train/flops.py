@@ -16,6 +16,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+import model
+
 
 def measure_matmul_peak(*, size: int | None = None, dtype=jnp.float32, seconds: float = 0.3,
                         repeats: int = 3, device=None) -> float:
@@ -47,3 +49,14 @@ def total_peak(per_device: float) -> float:
 
 def mfu(tokens_per_sec: float, flops_per_token: float, peak_flops: float) -> float:
   return tokens_per_sec * flops_per_token / peak_flops if peak_flops > 0 else float("nan")
+
+
+def lora_flops_per_token(cfg, seq_len: int, n_adapter_params: int) -> float:
+  """Training FLOPs per token of a LoRA fine-tune: 4 N + 6 n_lora + the attention term.
+
+  The frozen weights' matmuls run forward (2 N) and backward for their inputs
+  only (2 N; no weight gradients), the adapters forward and backward in full
+  (6 n_lora); N as in model.flops_per_token.
+  """
+  n = model.count_params(cfg).non_embedding + cfg.d_model * cfg.vocab_size
+  return model.flops_per_token(cfg, seq_len) - 2.0 * n + 6.0 * n_adapter_params

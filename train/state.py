@@ -2,12 +2,15 @@
 
   mesh = make_run_mesh(config.mesh_shape)                       # ('data', 'fsdp', 'tensor')
   state, shardings = create_state(cfg, tx, mesh, rng)           # created sharded
+  state, shardings = create_state(cfg, tx, mesh, rng, collection="lora")  # adapters only
 
 State is never built on one device and then moved: `jax.eval_shape` gives the
 abstract state, the logical-axis rules (model/sharding.py) give each leaf's
 NamedSharding, and `jit(init, out_shardings=...)` materializes every shard
 where it lives. Optimizer moments (mu, nu) take the sharding of the parameter
-they belong to; scalars (counts) are replicated.
+they belong to; scalars (counts) are replicated. In a LoRA fine-tune
+(collection='lora') the state's params are the adapters, so the optimizer
+state exists for them alone; the frozen base params live outside the state.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from model.sharding import LOGICAL_RULES, batch_sharding, make_mesh, param_shard
 @flax.struct.dataclass
 class TrainState:
   step: jnp.ndarray   # int32 scalar: optimizer updates applied so far
-  params: Any
+  params: Any        # the trained params: the model's, or a fine-tune's LoRA adapters
   opt_state: Any
   rng: jnp.ndarray    # uint32[2] raw PRNG key (dropout); folded with the step each update
 
@@ -71,18 +74,20 @@ def opt_state_shardings(abstract_opt_state, params_shardings, abstract_params, m
   return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
-def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng) -> TrainState:
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng,
+               collection: str = "params") -> TrainState:
+  """A fresh state training `collection`: 'params' (the model) or 'lora' (its adapters)."""
   init_rng, dropout_rng = jax.random.split(rng)
-  params = model.init(cfg, init_rng)
+  params = model.init_lora(cfg, init_rng) if collection == "lora" else model.init(cfg, init_rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=dropout_rng)
 
 
-def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
-                    ) -> tuple[TrainState, TrainState]:
+def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                    collection: str = "params") -> tuple[TrainState, TrainState]:
   """(abstract state, NamedSharding of every leaf) for `cfg` on `mesh`."""
-  abstract = jax.eval_shape(lambda: init_state(cfg, tx, jax.random.PRNGKey(0)))
-  p_shard = param_shardings(cfg, mesh)
+  abstract = jax.eval_shape(lambda: init_state(cfg, tx, jax.random.PRNGKey(0), collection))
+  p_shard = param_shardings(cfg, mesh, collection=collection)
   replicated = NamedSharding(mesh, P())
   shardings = TrainState(
       step=replicated, params=p_shard,
@@ -91,12 +96,12 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
   return abstract, shardings
 
 
-def create_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rng
-                 ) -> tuple[TrainState, TrainState]:
+def create_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rng,
+                 collection: str = "params") -> tuple[TrainState, TrainState]:
   """A fresh state created directly in its shards, and its shardings."""
-  _, shardings = state_shardings(cfg, tx, mesh)
+  _, shardings = state_shardings(cfg, tx, mesh, collection)
   with activation_sharding(mesh):
-    state = jax.jit(lambda r: init_state(cfg, tx, r), out_shardings=shardings)(rng)
+    state = jax.jit(lambda r: init_state(cfg, tx, r, collection), out_shardings=shardings)(rng)
   return state, shardings
 
 

@@ -12,6 +12,11 @@ equal the gradient of the big-batch mean exactly.
 A step whose loss or gradient is not finite leaves the state unchanged and
 reports `nonfinite = 1`; the trainer stops the run at the next check, so no
 checkpoint ever holds a broken state.
+
+LoRA fine-tuning (`frozen_params` given): the state's params are the adapters,
+the loss is model.apply(cfg, frozen_params, ..., lora=adapters), and gradients,
+updates and norms concern the adapters only. The frozen params are a third jit
+argument (neither donated nor a baked-in constant), placed as they already are.
 """
 
 from __future__ import annotations
@@ -30,12 +35,12 @@ from train.state import TrainState, activation_sharding, data_sharding
 
 
 def token_losses(cfg: ModelConfig, params, batch: dict, *, document_masking: bool,
-                 deterministic: bool = True, rng=None):
+                 deterministic: bool = True, rng=None, lora=None):
   """Per-token cross-entropy [b, T] (float32) of one micro-batch (dict of [b, T] arrays)."""
   logits_BTV, _ = model.apply(
       cfg, params, batch["inputs"], positions_BT=batch["positions"],
       segment_ids_BT=batch["segment_ids"] if document_masking else None,
-      deterministic=deterministic, rng=rng)
+      deterministic=deterministic, rng=rng, lora=lora)
   return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
 
 
@@ -43,30 +48,42 @@ def _needs_rng(cfg: ModelConfig) -> bool:
   return cfg.dropout_rate > 0 or cfg.attn_dropout_rate > 0
 
 
+def _model_and_adapters(trained, frozen):
+  """(params, lora) for model.apply: the trained tree is the model, or its LoRA adapters."""
+  return (trained, None) if frozen is None else (frozen, trained)
+
+
+def _shardings_of(tree):
+  return None if tree is None else jax.tree.map(lambda x: x.sharding, tree)
+
+
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation,
                     schedule: Callable, *, document_masking: bool, mesh: Mesh,
-                    shardings: TrainState):
+                    shardings: TrainState, frozen_params=None):
   """jit(train_step)(state, batch) -> (state, metrics); state is donated."""
   dropout = _needs_rng(cfg)
 
-  def micro_loss(params, micro, rng, total):
+  def micro_loss(trained, micro, rng, total, frozen):
+    params, lora = _model_and_adapters(trained, frozen)
     losses_BT = token_losses(cfg, params, micro, document_masking=document_masking,
-                             deterministic=not dropout, rng=rng if dropout else None)
+                             deterministic=not dropout, rng=rng if dropout else None, lora=lora)
     return jnp.sum(losses_BT * micro["loss_mask"]) / total
 
   grad_fn = jax.value_and_grad(micro_loss)
 
-  def train_step(state: TrainState, batch: dict):
+  def train_step(state: TrainState, batch: dict, frozen):
     total = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     step_rng = jax.random.fold_in(state.rng, state.step)
     accum = batch["inputs"].shape[0]
     if accum == 1:
-      loss, grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch), step_rng, total)
+      loss, grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch), step_rng, total,
+                            frozen)
     else:
       def body(carry, inputs):
         grads_acc, loss_acc = carry
         micro, i = inputs
-        loss_i, grads_i = grad_fn(state.params, micro, jax.random.fold_in(step_rng, i), total)
+        loss_i, grads_i = grad_fn(state.params, micro, jax.random.fold_in(step_rng, i), total,
+                                  frozen)
         return (jax.tree.map(jnp.add, grads_acc, grads_i), loss_acc + loss_i), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -88,33 +105,39 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation,
     return new_state, metrics
 
   replicated = NamedSharding(mesh, P())
-  jitted = jax.jit(train_step, in_shardings=(shardings, data_sharding(mesh)),
+  jitted = jax.jit(train_step,
+                   in_shardings=(shardings, data_sharding(mesh), _shardings_of(frozen_params)),
                    out_shardings=(shardings, replicated), donate_argnums=0)
 
   def run(state, batch):
     with activation_sharding(mesh):
-      return jitted(state, batch)
+      return jitted(state, batch, frozen_params)
 
   run.jitted = jitted
   return run
 
 
-def make_eval_step(cfg: ModelConfig, *, document_masking: bool, mesh: Mesh, params_shardings):
-  """jit(eval_step)(params, batch [1, b, T], byte_lengths [V]) -> sums of loss, tokens, bytes."""
+def make_eval_step(cfg: ModelConfig, *, document_masking: bool, mesh: Mesh, params_shardings,
+                   frozen_params=None):
+  """jit(eval_step)(params, batch [1, b, T], byte_lengths [V]) -> sums of loss, tokens, bytes.
 
-  def eval_step(params, batch, byte_lengths_V):
+  With `frozen_params` (LoRA), `params` are the adapters of the frozen model."""
+
+  def eval_step(trained, batch, byte_lengths_V, frozen):
     micro = jax.tree.map(lambda x: x[0], batch)
-    losses_BT = token_losses(cfg, params, micro, document_masking=document_masking)
+    params, lora = _model_and_adapters(trained, frozen)
+    losses_BT = token_losses(cfg, params, micro, document_masking=document_masking, lora=lora)
     mask_BT = micro["loss_mask"]
     return {"loss_sum": jnp.sum(losses_BT * mask_BT), "tokens": jnp.sum(mask_BT),
             "bytes": jnp.sum(byte_lengths_V[micro["targets"]] * mask_BT)}
 
   replicated = NamedSharding(mesh, P())
-  jitted = jax.jit(eval_step, in_shardings=(params_shardings, data_sharding(mesh), replicated),
+  jitted = jax.jit(eval_step, in_shardings=(params_shardings, data_sharding(mesh), replicated,
+                                            _shardings_of(frozen_params)),
                    out_shardings=replicated)
 
   def run(params, batch, byte_lengths_V):
     with activation_sharding(mesh):
-      return jitted(params, batch, byte_lengths_V)
+      return jitted(params, batch, byte_lengths_V, frozen_params)
 
   return run

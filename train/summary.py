@@ -7,6 +7,8 @@ import os
 import shlex
 from typing import Any
 
+from model.lora import LoraCount
+
 
 def _shell_quote(text: str) -> str:
   """A shell word for `text`; newlines and tabs as bash's $'...' escapes."""
@@ -46,6 +48,14 @@ def format_summary(s: dict[str, Any]) -> str:
       ("checkpoint", f"{s['checkpoint_dir']}/{s['checkpoint_step']}"),
       ("sample with", s["sample_command"]),
   ]
+  if s.get("init_from"):  # a LoRA fine-tune: what trains, and where it started
+    lora = s["lora"]
+    rows[2:2] = [
+        ("LoRA", f"{LoraCount(s['trainable_params'], s['total_params'])}: rank "
+                 f"{lora['rank']}, alpha {lora['alpha']:g} on {', '.join(lora['targets'])}"),
+        ("base model", f"{s['init_from']} step {s['init_step']}; validation loss before "
+                       f"fine-tuning {_fmt(s['base_val_loss'], '.4f')}"),
+    ]
   width = max(len(k) for k, _ in rows)
   lines = ["", "=" * 30 + " training summary " + "=" * 30]
   lines += [f"{k:>{width}} : {v}" for k, v in rows]

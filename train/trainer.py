@@ -9,6 +9,11 @@ validation split is scored (loss, perplexity, bits per byte) and a short text
 sample is written; every `checkpoint_every` steps and at the end the state,
 the data iterator and the metadata are saved (asynchronously).
 
+With config.init_from (train/configs/lora.py) the run fine-tunes LoRA adapters
+on a frozen base workdir (train/finetune.py): the state holds the adapters,
+the base's loss on the new text is evaluated before the first step, and the
+summary reports trainable vs total parameters.
+
 Restarting with the same workdir resumes from the latest checkpoint and
 continues the same data stream. SIGINT/SIGTERM finish the current step, save,
 and return (status "interrupted"). A non-finite loss stops the run with
@@ -32,7 +37,8 @@ import jax.numpy as jnp
 import ml_collections
 
 import model
-from train import config_lib, flops
+from model import lora as lora_lib
+from train import config_lib, finetune, flops
 from train import workdir as workdir_lib
 from train.checkpoints import Checkpointer
 from train.data import PreparedData, eval_batches, prepare_data, train_iterator
@@ -126,7 +132,7 @@ def evaluate(eval_step, params, data: PreparedData, config, mesh) -> dict[str, f
           "val_tokens": totals["tokens"], "val_bytes": totals["bytes"]}
 
 
-def eval_sample(cfg, params, tokenizer, config) -> str:
+def eval_sample(cfg, params, tokenizer, config, lora=None) -> str:
   """A short continuation of config.sample_prompt (the sampler of sample/, one jit)."""
   from sample.engine import generate_ids
 
@@ -134,7 +140,7 @@ def eval_sample(cfg, params, tokenizer, config) -> str:
   room = cfg.max_seq_len - len(prompt) if cfg.position == "learned" else config.sample_tokens
   new = max(0, min(config.sample_tokens, room))
   ids = generate_ids(cfg, params, [prompt], new, temperature=config.sample_temperature,
-                     top_k=40, seed=0, stop_ids=(tokenizer.eos_id,))[0]
+                     top_k=40, seed=0, stop_ids=(tokenizer.eos_id,), lora=lora)[0]
   return config.sample_prompt + tokenizer.decode(ids)
 
 
@@ -156,9 +162,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   mesh = make_run_mesh(config.mesh_shape)
   _check_batch_layout(config, mesh)
-  data = prepare_data(config, workdir)
+  base = finetune.load_base(config, workdir, mesh) if config.get("init_from") else None
+  data = prepare_data(config, workdir, tokenizer=base.tokenizer if base else None)
   log(data.description)
-  cfg = config_lib.model_config(config, vocab_size=data.tokenizer.vocab_size)
+  cfg = base.cfg if base else config_lib.model_config(config,
+                                                      vocab_size=data.tokenizer.vocab_size)
   if cfg.vocab_size < data.tokenizer.vocab_size:
     raise config_lib.ConfigError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the "
                                  f"tokenizer's {data.tokenizer.vocab_size} ids")
@@ -166,15 +174,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise config_lib.ConfigError(f"config.data.seq_len={config.data.seq_len} exceeds "
                                  f"model.max_seq_len={cfg.max_seq_len}")
   if lead:
-    workdir_lib.write_config(workdir, cfg, data.tokenizer, train=config_lib.to_dict(config))
+    workdir_lib.write_config(workdir, cfg, data.tokenizer, train=config_lib.to_dict(config),
+                             **(base.sections if base else {}))
 
   tx = make_optimizer(config.optim, config.num_steps)
   schedule = make_schedule(config.optim, config.num_steps)
-  abstract, shardings = state_shardings(cfg, tx, mesh)
-  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
+  # A LoRA run trains the adapters ('lora'); the base params stay frozen, outside the state.
+  collection, frozen = ("lora", base.params) if base else ("params", None)
+  abstract, shardings = state_shardings(cfg, tx, mesh, collection)
+  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints,
+                      frozen_params=frozen)
   it = train_iterator(data.train, batch_size=config.batch_size,
                       accum=config.grad_accum_steps, seed=config.seed)
-  meta = {"tokens_seen": 0.0, "best_val_loss": None, "wall_time_s": 0.0}
+  meta = {"tokens_seen": 0.0, "best_val_loss": None, "wall_time_s": 0.0, "base_val_loss": None}
   if ckpt.latest_step() is not None:
     state, data_state, restored_meta = ckpt.restore(abstract, shardings)
     if data_state is not None:
@@ -182,21 +194,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     meta.update({k: restored_meta[k] for k in meta if k in restored_meta})
     log(f"resumed from {ckpt.directory}/{restored_meta['step']}")
   else:
-    state, _ = create_state(cfg, tx, mesh, jax.random.PRNGKey(config.seed))
+    state, _ = create_state(cfg, tx, mesh, jax.random.PRNGKey(config.seed), collection)
   start_step = int(jax.device_get(state.step))
 
   train_step = make_train_step(cfg, tx, schedule, document_masking=config.data.document_masking,
-                               mesh=mesh, shardings=shardings)
+                               mesh=mesh, shardings=shardings, frozen_params=frozen)
   eval_step = make_eval_step(cfg, document_masking=config.data.document_masking, mesh=mesh,
-                             params_shardings=shardings.params)
+                             params_shardings=shardings.params, frozen_params=frozen)
   peak = (float(config.peak_flops) if config.peak_flops else
           flops.total_peak(flops.measure_matmul_peak()))
-  flops_per_token = model.flops_per_token(cfg, config.data.seq_len)
   n_params, n_params_non_embedding = _param_counts(cfg)
+  if base:
+    counts = lora_lib.count(frozen, abstract.params)
+    flops_per_token = flops.lora_flops_per_token(cfg, config.data.seq_len, counts.trainable)
+  else:
+    counts = lora_lib.LoraCount(trainable=n_params, total=n_params)
+    flops_per_token = model.flops_per_token(cfg, config.data.seq_len)
   if start_step == 0:
     log(f"model: {n_params:,} parameters ({n_params_non_embedding:,} non-embedding), "
         f"{flops_per_token / 1e6:.1f} MFLOPs/token; mesh {dict(mesh.shape)}; "
         f"peak {peak / 1e9:.0f} GFLOP/s")
+    if base:
+      log(f"LoRA: {counts}: rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on "
+          f"{', '.join(cfg.lora_targets)} of {base.workdir} (step {base.step})")
 
   writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
   acc = IntervalAccumulator()
@@ -212,6 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def save(force=False):
     ckpt.save(state, data_state=it.get_state(), force=force, meta={
         "tokens_seen": tokens_seen, "best_val_loss": best_val,
+        "base_val_loss": meta["base_val_loss"],
         "wall_time_s": meta["wall_time_s"] + time.time() - session_start})
 
   def check_finite():
@@ -251,7 +272,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log(f"step {step}: val_loss {last_eval['val_loss']:.4f}  val_bpb "
         f"{last_eval['val_bpb']:.4f}  val_ppl {last_eval['val_ppl']:.2f}")
     if config.sample_tokens > 0 and jax.process_count() == 1:
-      text = eval_sample(cfg, state.params, data.tokenizer, config)
+      params, lora = (frozen, state.params) if base else (state.params, None)
+      text = eval_sample(cfg, params, data.tokenizer, config, lora=lora)
       writer.write(step, "sample", {"text": text})
       log(f"sample: {text!r}")
 
@@ -296,6 +318,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log = progress.log
   prev = None
   try:
+    if base and start_step == 0:  # the base's loss on the new text, before any update
+      run_eval()
+      meta["base_val_loss"] = last_eval["val_loss"]
     with _StopSignals() as signals:
       status = _loop()
   except BaseException:  # finish pending saves and flush the event files, then re-raise
@@ -318,6 +343,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "mfu": flops.mfu(session_tok_s, flops_per_token, peak) if session_tok_s else None,
       "peak_flops": peak, "flops_per_token": flops_per_token,
       "n_params": n_params, "n_params_non_embedding": n_params_non_embedding,
+      "trainable_params": counts.trainable, "total_params": counts.total,
+      "init_from": base.workdir if base else None, "init_step": base.step if base else None,
+      "lora": ({"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(cfg.lora_targets)}
+               if base else None),
+      "base_val_loss": meta["base_val_loss"],
       "wall_time_s": time.time() - session_start,
       "total_wall_time_s": meta["wall_time_s"] + time.time() - session_start,
       "checkpoint_dir": ckpt.directory, "checkpoint_step": ckpt.latest_step(),

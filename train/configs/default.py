@@ -15,6 +15,7 @@ from train.config_lib import model_section
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.init_from = ""              # a base workdir to LoRA-fine-tune (train/configs/lora.py)
   c.num_steps = 1500
   c.batch_size = 16             # sequences per optimizer step (global; even: 2 CPU devices)
   c.grad_accum_steps = 1        # micro-batches per step (lax.scan inside the jitted step)

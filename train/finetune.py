@@ -1,0 +1,161 @@
+"""LoRA fine-tuning from a base workdir (`config.init_from`): the base the trainer adapts.
+
+  python -m train --config=train/configs/lora.py --config.init_from=runs/BASE --workdir=runs/NAME
+  base = load_base(config, workdir, mesh)  # adapted cfg, frozen params on the mesh, tokenizer
+
+The base is a workdir trained here or imported (`python -m model.hf import`).
+The run keeps its architecture, weights and tokenizer and trains LoRA adapters
+only (model/lora.py): the train state's params are the adapters, the optimizer
+state covers them alone, and the base params are a frozen (undonated, no
+gradient) argument of the jitted steps. Checkpoints hold the base as 'params'
+and the adapters as 'lora', so `python -m sample`, `python -m
+experiments.interpret` and `python -m model.hf export` read a LoRA run like
+any workdir.
+
+A fresh run reads the base from `init_from` (its latest checkpoint; a base that
+is itself a LoRA run has its adapters merged first). A resumed run reads the
+base from its own checkpoint, so it does not depend on `init_from` staying as
+it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Any
+
+import jax
+from flax import traverse_util
+from jax.sharding import Mesh
+
+from model import lora as lora_lib
+from model.config import LORA_TARGETS, ModelConfig
+from model.counting import param_shapes
+from model.sharding import param_shardings
+from train import workdir as workdir_lib
+from train.config_lib import ConfigError
+from train.tokenizer import Tokenizer
+
+# The default targets when config.model.lora_targets is unset: the attention projections the
+# base has (q, k, v, o; qkv, o when they are fused).
+ATTENTION_TARGETS = ("qkv", "q", "k", "v", "o")
+# Model fields a LoRA run may set besides the LoRA ones: they change how the model runs, not
+# its weights. (scan_layers is not one of them: it changes the layout of the params tree.)
+RUNTIME_FIELDS = ("attention_impl", "attn_chunk_size", "dropout_rate", "attn_dropout_rate",
+                  "remat", "dtype")
+
+
+@dataclasses.dataclass
+class Base:
+  cfg: ModelConfig        # the base's config plus the LoRA fields: what the run trains
+  params: Any             # the frozen base params, sharded on the mesh
+  tokenizer: Tokenizer    # the base's (never retrained)
+  workdir: str            # init_from, absolute
+  step: int               # the base checkpoint's step
+  sections: dict          # extra config.json sections: 'init_from' and the base's 'source'
+
+
+def projections(cfg: ModelConfig) -> tuple[str, ...]:
+  """The projections of cfg's layers that LoRA can adapt (names of modules holding a kernel)."""
+  names = {path[-2] for path in traverse_util.flatten_dict(param_shapes(cfg))
+           if len(path) >= 2 and path[-1] == "kernel"}
+  return tuple(t for t in LORA_TARGETS if t in names)
+
+
+def adapted_config(base_cfg: ModelConfig, model_section, where: str) -> ModelConfig:
+  """The base's config plus config.model's LoRA fields (and runtime fields, if set).
+
+  Any other config.model field that differs from the base's raises: a LoRA run
+  cannot change the architecture it adapts.
+  """
+  section = model_section.to_dict() if hasattr(model_section, "to_dict") else dict(model_section)
+  preset = section.pop("preset", None)
+  if preset is not None:
+    raise ConfigError(f"config.model.preset={preset!r}: a LoRA run keeps the architecture of "
+                      f"its base ({where}); leave the preset unset")
+  base = base_cfg.replace(lora_rank=0, lora_targets=())
+  ours = base.to_dict()
+  changed = sorted(k for k, v in section.items()
+                   if v is not None and k not in lora_lib.LORA_FIELDS + RUNTIME_FIELDS
+                   and (list(v) if isinstance(v, tuple) else v) != ours[k])
+  if changed:
+    raise ConfigError(
+        "config.model: " + ", ".join(f"{k}={section[k]!r}" for k in changed) +
+        f" would change the base model in {where} (it has " +
+        ", ".join(f"{k}={ours[k]!r}" for k in changed) + "); a LoRA run keeps the base's "
+        f"architecture: set only lora_rank, lora_alpha, lora_targets and {RUNTIME_FIELDS}")
+  rank = section.get("lora_rank") or 0
+  if rank <= 0:
+    raise ConfigError(f"config.model.lora_rank={rank}: a LoRA run needs a rank > 0")
+  available = projections(base)
+  targets = section.get("lora_targets")
+  if not targets:
+    targets = tuple(t for t in ATTENTION_TARGETS if t in available)
+  missing = [t for t in targets if t not in available]
+  if missing:
+    raise ConfigError(f"config.model.lora_targets={tuple(targets)!r}: {missing} not a projection "
+                      f"of the base model in {where}; its projections are {available}")
+  fields = {k: section[k] for k in RUNTIME_FIELDS if section.get(k) is not None}
+  if section.get("lora_alpha") is not None:
+    fields["lora_alpha"] = float(section["lora_alpha"])
+  try:
+    return base.replace(lora_rank=rank, lora_targets=tuple(targets), **fields)
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from e
+
+
+def _copy_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
+  """Put the base's tokenizer file (if it has one) into the run's workdir for the sampler."""
+  path = getattr(tokenizer, "path", None)
+  target = os.path.join(workdir, os.path.basename(path)) if path else None
+  if path is None or os.path.abspath(path) == os.path.abspath(target):
+    return
+  tmp = f"{target}.{os.getpid()}.tmp"
+  shutil.copyfile(path, tmp)
+  os.replace(tmp, target)
+
+
+def load_base(config, workdir: str, mesh: Mesh) -> Base:
+  """The base of a LoRA run in `workdir` (config.init_from, or the run's own checkpoint when
+  resuming), its params placed on `mesh` by the model's sharding rules."""
+  init_from = os.path.abspath(config.init_from)
+  workdir = os.path.abspath(workdir)
+  if init_from == workdir:
+    raise ConfigError(f"config.init_from={config.init_from!r} is the run's own workdir; "
+                      "fine-tune into a new one")
+  resuming = workdir_lib.latest_step(workdir) is not None
+  source = workdir if resuming else init_from
+  try:
+    saved = workdir_lib.read_config(source)
+    source_cfg = ModelConfig.from_dict(saved["model"])
+    if resuming and not source_cfg.lora_rank:
+      raise ConfigError(f"workdir {workdir} holds a training run without LoRA adapters, not a "
+                        "LoRA fine-tune; choose a new workdir")
+    where = config.init_from
+    cfg = adapted_config(source_cfg, config.model, where)
+    if resuming and (cfg.lora_rank, cfg.lora_targets) != (source_cfg.lora_rank,
+                                                          source_cfg.lora_targets):
+      raise ConfigError(
+          f"workdir {workdir} trains rank-{source_cfg.lora_rank} adapters on "
+          f"{source_cfg.lora_targets}; resuming it with rank {cfg.lora_rank} on "
+          f"{cfg.lora_targets} is not possible: use the same LoRA settings or a new workdir")
+    shardings = param_shardings(cfg, mesh)
+    # Resuming: the base is this run's own 'params' item (never its adapters: the state has them).
+    _, params, lora, step = workdir_lib.restore_params(source, shardings=shardings,
+                                                       with_lora=not resuming)
+    tokenizer = workdir_lib.load_tokenizer(source)
+  except workdir_lib.WorkdirError as e:
+    raise ConfigError(f"config.init_from={config.init_from!r}: {e}") from e
+  if lora is not None:  # the base is itself a LoRA run: fine-tune its merged weights
+    params = jax.device_put(lora_lib.merge(source_cfg, params, lora), shardings)
+  # An imported base's 'source' (architecture, stop ids) serves export and the sampler here too.
+  sections = {"init_from": {"workdir": init_from, "step": step}}
+  sections.update({k: saved[k] for k in (("init_from", "source") if resuming else ("source",))
+                   if k in saved})
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    _copy_tokenizer(tokenizer, workdir)
+  return Base(cfg=cfg, params=params, tokenizer=tokenizer,
+              workdir=sections["init_from"]["workdir"], step=sections["init_from"]["step"],
+              sections=sections)
