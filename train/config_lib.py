@@ -92,15 +92,21 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
 
 
 # ---- loading and overriding --------------------------------------------------------------------
+def import_file(path: str, prefix: str):
+  """The Python file at `path` run as a fresh module (config and sweep files are not packages)."""
+  spec = importlib.util.spec_from_file_location(f"{prefix}{abs(hash(os.path.abspath(path)))}",
+                                                path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def _load_module_config(path: str) -> ml_collections.ConfigDict:
   """`path` or `path:arg` (the config_flags convention): get_config() or get_config(arg)."""
   file_path, _, arg = path.partition(":")
   if not os.path.isfile(file_path):
     raise ConfigError(f"config file not found: {file_path!r} (try train/configs/default.py)")
-  spec = importlib.util.spec_from_file_location(
-      f"_train_config_{abs(hash(os.path.abspath(file_path)))}", file_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = import_file(file_path, "_train_config_")
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {file_path!r} defines no get_config()")
   return module.get_config(arg) if arg else module.get_config()

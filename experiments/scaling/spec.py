@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -287,10 +286,9 @@ def load_sweep(path: str) -> Sweep:
   """The Sweep that the file's get_sweep() returns."""
   if not os.path.isfile(path):
     raise SweepError(f"sweep file not found: {path!r} (sweeps live in experiments/sweeps/)")
-  spec = importlib.util.spec_from_file_location(
-      f"_sweep_{abs(hash(os.path.abspath(path)))}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  from train.config_lib import import_file
+
+  module = import_file(path, "_sweep_")
   if not hasattr(module, "get_sweep"):
     raise SweepError(f"sweep file {path!r} defines no get_sweep()")
   sweep = module.get_sweep()
