@@ -199,9 +199,9 @@ def restore_adapters(workdir: str, step: int | None = None):
   if step is None:
     raise wd.WorkdirError(f"workdir {workdir!r} has no checkpoint")
   abstract = jax.eval_shape(lambda: init_lora(cfg, jax.random.PRNGKey(0)))
+  if "lora" not in wd.checkpoint_items(workdir, step):
+    raise wd.WorkdirError(f"checkpoint {step} of {workdir!r} holds no 'lora' item")
   with ocp.CheckpointManager(wd.checkpoint_dir(workdir)) as mngr:
-    if "lora" not in (mngr.item_metadata(step) or {}):
-      raise wd.WorkdirError(f"checkpoint {step} of {workdir!r} holds no 'lora' item")
     restored = mngr.restore(step, args=ocp.args.Composite(
         lora=ocp.args.StandardRestore(abstract)))
   return cfg, restored["lora"], step

@@ -80,7 +80,7 @@ class Checkpointer:
              "opt_state": ocp.args.StandardRestore(target(abstract.opt_state,
                                                           shardings.opt_state)),
              "meta": ocp.args.JsonRestore()}
-    has_data = "data" in (self.mngr.item_metadata(step) or {})
+    has_data = "data" in workdir_lib.checkpoint_items(self.workdir, step)
     if has_data:
       items["data"] = ocp.args.JsonRestore()
     restored = self.mngr.restore(step, args=ocp.args.Composite(**items))

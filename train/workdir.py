@@ -89,6 +89,16 @@ def latest_step(workdir: str) -> int | None:
     return mngr.latest_step()
 
 
+def checkpoint_items(workdir: str, step: int) -> set[str]:
+  """The items (params, opt_state, lora, ...) that checkpoint `step` of workdir holds.
+
+  Read from the step's directory: orbax's item_metadata would log a warning for
+  every item it has no handler for.
+  """
+  path = os.path.join(checkpoint_dir(workdir), str(step))
+  return {name for name in os.listdir(path) if os.path.isdir(os.path.join(path, name))}
+
+
 def _abstract(tree, shardings):
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -113,8 +123,8 @@ def restore_params(workdir: str, step: int | None = None, *, shardings=None,
   abstract_params = _abstract(jax.eval_shape(lambda: init(cfg, jax.random.PRNGKey(0))),
                               shardings)
   items = {"params": ocp.args.StandardRestore(abstract_params)}
+  has_lora = bool(with_lora and cfg.lora_rank) and "lora" in checkpoint_items(workdir, step)
   with ocp.CheckpointManager(checkpoint_dir(workdir)) as mngr:
-    has_lora = "lora" in (mngr.item_metadata(step) or {}) if with_lora and cfg.lora_rank else False
     if has_lora:
       abstract_lora = _abstract(jax.eval_shape(lambda: init_lora(cfg, jax.random.PRNGKey(0))),
                                 None)
