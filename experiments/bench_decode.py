@@ -22,7 +22,12 @@ import resource
 import statistics
 import time
 
+import jax
+import numpy as np
 from absl import app, flags
+
+import model
+from sample import engine
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("presets", ["nanogpt-baby", "gpt2-small"], "Model presets to time.")
@@ -56,15 +61,9 @@ def _time(fn, repeats):
 
 
 def time_sampler(cfg, batch, prompt_len, new_tokens, repeats):
-  import jax
-  import numpy as np
-
-  import model
-  from sample import engine
-
   params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.PRNGKey(0))
   # The engine unrolls the layers once here, as sample.Generator does at load time.
-  dcfg, dparams, _ = engine.decode_model(cfg, params)
+  dcfg, dparams = engine.decode_model(cfg, params)
   del params
   rng = np.random.default_rng(0)
   prompts = rng.integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
@@ -99,8 +98,6 @@ def time_reference(cfg, batch, prompt_len, new_tokens, repeats):
 
 def main(argv):
   del argv
-  import model
-
   print(f"# decode throughput, float32, greedy; {_load()}")
   print(f"{'model':14s} {'params':>8s} {'batch':>5s} {'new':>5s} {'impl':>9s} "
         f"{'best tok/s':>11s} {'median tok/s':>13s} {'tok/CPU-s':>10s}")

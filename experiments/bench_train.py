@@ -25,13 +25,25 @@ compare without them, TRANSFORMER_LAB_CPU_DEVICES=1 for one device).
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
 import time
 
+import jax
+import numpy as np
 from absl import app, flags
+
+import model
+from model import store
+from model.sharding import make_mesh
+from train import optimizer as optim_lib
+from train import state as state_lib
+from train import xla_flags
+from train.configs import default
+from train.flops import measure_matmul_peak
+from train.steps import make_train_step
+from train.tasks import Pretrain
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("presets", ["nanogpt-baby", "shakespeare-char"], "Presets to time.")
@@ -52,8 +64,6 @@ def _load() -> str:
 
 
 def _batch(cfg, rows, seq_len, seed=0):
-  import numpy as np
-
   x = np.random.default_rng(seed).integers(0, cfg.vocab_size, (1, rows, seq_len + 1))
   x = x.astype(np.int32)
   return {"inputs": x[..., :-1], "targets": x[..., 1:],
@@ -81,23 +91,15 @@ def _rounds(run_steps, tokens_per_step, flops_per_step, measure_peak):
 
 
 def bench_jax(name, rows, seq_len):
-  import jax
-
-  import model
-  from train import optimizer as optim_lib
-  from train import state as state_lib
-  from train.configs import default
-  from train.flops import measure_matmul_peak
-  from train.steps import make_train_step
-
   cfg = model.get_preset(name, dropout_rate=0.0, attn_dropout_rate=0.0, remat=FLAGS.remat,
                          attention_impl=FLAGS.attention_impl, scan_layers=FLAGS.scan_layers)
   ocfg = default.get_config().optim
   tx, schedule = optim_lib.make_optimizer(ocfg, 10_000), optim_lib.make_schedule(ocfg, 10_000)
-  mesh = state_lib.make_run_mesh((-1, 1, 1))  # data parallel over the local devices
-  state, shardings = state_lib.create_state(cfg, tx, mesh, jax.random.PRNGKey(0))
-  step = make_train_step(cfg, tx, schedule, document_masking=False, mesh=mesh,
-                         shardings=shardings)
+  mesh = make_mesh((-1, 1, 1))  # data parallel over the local devices
+  task = Pretrain(cfg, document_masking=False)
+  _, shardings = state_lib.state_shardings(task, tx, mesh)
+  state = state_lib.create_state(task, tx, mesh, jax.random.PRNGKey(0), shardings)
+  step = make_train_step(task, tx, schedule, mesh=mesh, shardings=shardings)
   batch = state_lib.put_batch(_batch(cfg, rows, seq_len), mesh, rows)
   holder = {"state": state}
 
@@ -198,11 +200,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.xla_flags:
-    from train import xla_flags
-
     xla_flags.apply()
-  import jax
-
   results = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "load_before": os.getloadavg(),
              "devices": str(jax.devices()[0]), "presets": {}}
   print(f"{_load()}; {os.cpu_count()} CPUs; jax {jax.__version__} on "
@@ -224,8 +222,7 @@ def main(argv):
   results["load_after"] = os.getloadavg()
   print(_load(), flush=True)
   if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump(results, f, indent=2)
+    store.write_json(FLAGS.out, results)
   return 0
 
 

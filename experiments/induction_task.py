@@ -23,7 +23,6 @@ the tests use it as a model whose induction heads are known.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import string
@@ -34,11 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags, logging
 
 import model
+from experiments import interpret
+from experiments.interp import ablation, figures, induction
+from experiments.interp.losses import run_with_intermediates, token_losses
+from model import store
 from model.config import ModelConfig
-
-ALPHABET = string.ascii_letters + string.digits  # 62 printable one-byte tokens
 
 
 def task_config(**overrides) -> ModelConfig:
@@ -68,9 +70,6 @@ def train(cfg: ModelConfig, *, steps: int, batch: int, lr: float, seed: int, tok
   Every `eval_every` steps it records, on fixed repeated sequences of `eval_half` tokens,
   the loss on the second copy and every head's induction score. Returns (params, history).
   """
-  from experiments.interp import ablation, induction
-  from experiments.interp.losses import run_with_intermediates, token_losses
-
   params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10), steps, lr / 10)
   optimizer = optax.adamw(schedule, weight_decay=0.01)
@@ -161,24 +160,16 @@ def handmade_induction_model(vocab: int = 16, max_len: int = 32, sharpness: floa
 
 def main(argv):
   del argv
-  from absl import flags, logging
-
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint read at INFO
-
-  from experiments import interpret
-  from experiments.interp import figures
-  from train import workdir as wd
-  from train.tokenizer import ByteTokenizer
-
   f = flags.FLAGS
-  if wd.latest_step(f.workdir) is not None:
+  if store.latest_step(f.workdir) is not None:
     if not f.overwrite:
       raise SystemExit(f"{f.workdir} already holds a checkpoint; choose another --workdir or "
                        "pass --overwrite")
-    shutil.rmtree(wd.checkpoint_dir(f.workdir))
+    shutil.rmtree(store.checkpoint_dir(f.workdir))
   cfg = task_config(d_model=f.d_model, n_heads=f.n_heads, head_dim=f.head_dim,
                     max_seq_len=f.seq_len, position=f.position)
-  tokenizer = ByteTokenizer()
+  tokenizer = store.ByteTokenizer()
   token_ids = tokenizer.encode(f.alphabet)
   print(model.summary(cfg, name="induction-task"))
   params, history = train(cfg, steps=f.steps, batch=f.batch, lr=f.lr, seed=f.seed,
@@ -186,12 +177,11 @@ def main(argv):
                           eval_every=f.eval_every, eval_half=f.half)
   settings = {"alphabet": f.alphabet, "steps": f.steps, "batch": f.batch, "lr": f.lr,
               "seed": f.seed, "min_half": f.min_half, "max_half": f.max_half}
-  wd.save_params(f.workdir, params, step=f.steps)
-  wd.write_config(f.workdir, cfg, tokenizer, induction_task=settings)
+  store.save_params(f.workdir, params, step=f.steps)
+  store.write_config(f.workdir, cfg, tokenizer, induction_task=settings)
   out = f.out or os.path.join(f.workdir, "interpret")
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "training.json"), "w") as fh:
-    json.dump(history, fh)
+  store.write_json(os.path.join(out, "training.json"), history)
   figures.training_curves(history, os.path.join(out, "training.png"))
   command = "python -m experiments.induction_task " + " ".join(sys.argv[1:])
   rng = np.random.default_rng(f.seed + 2)
@@ -203,8 +193,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-
   flags.DEFINE_string("workdir", None, "Where to write the trained model (a workdir).",
                       required=True)
   flags.DEFINE_string("out", None, "Where the figures and report go (default workdir/interpret).")

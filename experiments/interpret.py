@@ -18,29 +18,30 @@ from __future__ import annotations
 import os
 import sys
 
+from absl import app, flags, logging
+
+from experiments.interp.analyze import analyze
+from model import store
+
 DEFAULT_PROMPT = ("Mr and Mrs Dursley, of number four, Privet Drive, were proud to say that "
                   "they were perfectly normal. Mr and Mrs Dursley")
 
 
 def analyze_workdir(workdir: str, out: str | None = None, *, step: int | None = None,
                     no_lora: bool = False, **kwargs) -> dict:
-  """`experiments.interp.analyze.analyze` on a workdir's checkpoint; returns the summary."""
-  from experiments.interp.analyze import analyze
-  from train import workdir as wd
-
-  cfg, params, lora, step = wd.restore_params(workdir, step, with_lora=not no_lora)
-  tokenizer = wd.load_tokenizer(workdir)
+  """`experiments.interp.analyze.analyze` on a workdir's checkpoint (a LoRA run's adapters
+  merged, unless `no_lora`); returns the summary."""
+  loaded = store.load_params(workdir, step, merge_lora=not no_lora)
+  tokenizer = store.load_tokenizer(workdir)
   out = out or os.path.join(workdir, "interpret")
-  title = kwargs.pop("title", None) or f"{workdir} (step {step})"
-  summary = analyze(cfg, params, tokenizer, out, lora=lora, title=title, **kwargs)
+  title = kwargs.pop("title", None) or f"{workdir} (step {loaded.step})"
+  summary = analyze(loaded.cfg, loaded.params, tokenizer, out, title=title, **kwargs)
   print(f"wrote {out}/report.md and {', '.join(summary['figures'].values())}")
   return summary
 
 
 def main(argv):
   del argv
-  from absl import flags, logging
-
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint read at INFO
 
   f = flags.FLAGS
@@ -51,8 +52,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-
   flags.DEFINE_string("workdir", None, "A workdir written by train or the HF importer.",
                       required=True)
   flags.DEFINE_string("out", None, "Output directory (default: workdir/interpret).")

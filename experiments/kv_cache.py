@@ -21,7 +21,13 @@ import os
 import statistics
 import time
 
+import jax
+import numpy as np
 from absl import app, flags
+
+import model
+from sample import engine
+from sample.generator import Generator
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "shakespeare-char", "Model preset (random weights).")
@@ -36,15 +42,7 @@ flags.DEFINE_integer("repeats_no_cache", 1, "Timed runs without the cache.")
 
 def load_model():
   """(cfg, params, prompt ids) from --workdir or --preset."""
-  import jax
-  import numpy as np
-
-  import model
-  from sample import engine
-
   if FLAGS.workdir:
-    from sample.generator import Generator
-
     gen = Generator.from_workdir(FLAGS.workdir)
     ids = gen.encode(FLAGS.prompt)
     room = gen.cfg.max_seq_len - len(ids)
@@ -57,7 +55,7 @@ def load_model():
   if cfg.max_seq_len < need:
     cfg = cfg.replace(max_seq_len=need)
   params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.PRNGKey(0))
-  cfg, params, _ = engine.decode_model(cfg, params)
+  cfg, params = engine.decode_model(cfg, params)
   ids = np.random.default_rng(0).integers(0, cfg.vocab_size, FLAGS.prompt_len).tolist()
   return cfg, params, ids
 
@@ -73,8 +71,6 @@ def timed(fn, repeats):
 
 def main(argv):
   del argv
-  from sample import engine
-
   cfg, params, ids = load_model()
   prompts = [ids] * FLAGS.batch
   n = FLAGS.new_tokens

@@ -13,14 +13,15 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import sys
 from typing import Any
 
 import numpy as np
+from absl import app, flags
 
 from experiments.scaling import analysis, plots, report
 from experiments.scaling.results import read_records, results_path
+from model import store
 
 SWEEP_META_FILE = "sweep.json"  # written by experiments.sweep beside results.jsonl
 
@@ -69,10 +70,10 @@ def fit_and_report(*, workdir: str | None = None, results: str | None = None,
   sweep_name = (meta or {}).get("sweep") or (records[0].get("sweep") if records else "?")
   text = report.render_report(a, title=f"Scaling laws: sweep `{sweep_name}`", commands=commands,
                               figures=figures, sweep_meta=meta)
-  with open(os.path.join(out, "report.md"), "w") as f:
+  with store.atomic_open(os.path.join(out, "report.md")) as f:
     f.write(text)
   summary = analysis.summary_dict(a)
-  with open(os.path.join(out, "fits.json"), "w") as f:
+  with store.atomic_open(os.path.join(out, "fits.json")) as f:
     json.dump(summary, f, indent=2, sort_keys=True, default=_finite_or_none)
   _copy_inputs(results, meta, out)
   return summary
@@ -83,10 +84,9 @@ def _copy_inputs(results: str, meta: dict[str, Any] | None, out: str) -> None:
   (python -m experiments.scaling_fit --results=OUT/results.jsonl)."""
   target = os.path.join(out, "results.jsonl")
   if os.path.abspath(results) != os.path.abspath(target):
-    shutil.copyfile(results, target)
+    store.copy_file(results, target)
   if meta is not None and not os.path.exists(os.path.join(out, SWEEP_META_FILE)):
-    with open(os.path.join(out, SWEEP_META_FILE), "w") as f:
-      json.dump(meta, f, indent=2, default=str)
+    store.write_json(os.path.join(out, SWEEP_META_FILE), meta)
 
 
 def _finite_or_none(x):
@@ -97,8 +97,6 @@ def _finite_or_none(x):
 
 def main(argv):
   del argv
-  from absl import flags
-
   f = flags.FLAGS
   settings = analysis.FitSettings(loss=f.loss, params=f.params, n_boot=f.n_boot,
                                   n_boot_parametric=f.n_boot_parametric, grid=GRIDS[f.grid],
@@ -112,8 +110,6 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags
-
   flags.DEFINE_string("workdir", None, "sweep workdir holding results.jsonl (and sweep.json)")
   flags.DEFINE_string("results", None, "a results.jsonl to read instead of WORKDIR/results.jsonl")
   flags.DEFINE_string("out", None, "where report.md, fits.json and the PNGs go (default: workdir)")
@@ -128,7 +124,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app
-
   _define_flags()
   app.run(main)

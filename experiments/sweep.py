@@ -28,8 +28,18 @@ import sys
 import time
 from typing import Any
 
+import jax
+from absl import app, flags, logging
+
+import model
 from experiments.scaling import spec
 from experiments.scaling.results import append_record, read_records, results_path
+from model import store
+from train import config_lib
+from train.flops import measure_matmul_peak, total_peak
+from train.metrics import METRICS_FILE, read_metrics
+from train.signals import StopSignals
+from train.trainer import TrainingDiverged, train_and_evaluate
 
 SWEEPS_DIR = os.path.join("experiments", "sweeps")
 SWEEP_META_FILE = "sweep.json"
@@ -58,19 +68,14 @@ def _now() -> str:
 
 
 def _vocab_size(config) -> int:
-  from train.tokenizer import ByteTokenizer
-
   if config.model.vocab_size:
     return int(config.model.vocab_size)
-  return ByteTokenizer.vocab_size if config.tokenizer.kind == "byte" else int(
+  return store.ByteTokenizer.vocab_size if config.tokenizer.kind == "byte" else int(
       config.tokenizer.vocab_size)
 
 
 def plan(sweep: spec.Sweep) -> list[dict[str, Any]]:
   """Per run: its shape, N, steps, D and FLOPs as the trainer will count them."""
-  import model
-  from train import config_lib
-
   rows = []
   for run in sweep.runs:
     config = sweep.training_config(run)
@@ -106,8 +111,6 @@ def format_plan(rows: list[dict[str, Any]], done: set[str]) -> str:
 def _curves(run_dir: str, tokens_per_step: int):
   """(val_curve, train_curve) from the run's metrics.jsonl; after a resume a re-logged step
   replaces the earlier line."""
-  from train.metrics import read_metrics
-
   evals, trains = {}, {}
   for m in read_metrics(run_dir):
     if m.get("kind") == "eval":
@@ -129,9 +132,6 @@ def make_record(sweep: spec.Sweep, run: spec.Run, config, summary: dict[str, Any
                 workdir: str, run_dir: str, runner_wall_time_s: float,
                 status: str = "completed") -> dict[str, Any]:
   """The results.jsonl record of a finished run (fields: experiments/scaling/results.py)."""
-  from train import config_lib
-  from train.metrics import METRICS_FILE
-
   config_dict = config_lib.to_dict(config)
   val_curve, train_curve = _curves(run_dir, sweep.tokens_per_step)
   finite_evals = [e for e in val_curve if _as_float(e[2]) == _as_float(e[2])]
@@ -178,8 +178,6 @@ def _check_run_dir(run_dir: str, config_dict: dict[str, Any], name: str) -> None
 
 def _write_meta(workdir: str, sweep: spec.Sweep, sweep_path: str, command: str,
                 rows: list[dict[str, Any]]) -> dict[str, Any]:
-  import jax
-
   path = os.path.join(workdir, SWEEP_META_FILE)
   meta: dict[str, Any] = {}
   if os.path.exists(path):
@@ -194,17 +192,12 @@ def _write_meta(workdir: str, sweep: spec.Sweep, sweep_path: str, command: str,
       "invocations": [*meta.get("invocations", []), invocation],
       "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
       "devices": [str(d) for d in jax.devices()], "runs": rows})
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=2, default=str)
-  os.replace(tmp, path)
+  store.write_json(path, meta)
   return meta
 
 
 def _train(config, run_dir: str, row: dict[str, Any]) -> tuple[dict[str, Any], str]:
   """(the trainer's summary, 'completed'), or a stand-in summary and 'diverged: ...'."""
-  from train.trainer import TrainingDiverged, train_and_evaluate
-
   try:
     return train_and_evaluate(config, run_dir), "completed"
   except TrainingDiverged as e:
@@ -223,11 +216,6 @@ def run_sweep(sweep: spec.Sweep, workdir: str, *, sweep_path: str = "", command:
   (SIGINT/SIGTERM: it saved a checkpoint) stops the sweep without a record; rerunning
   resumes it. A signal outside a run's training loop stops the sweep after that run.
   """
-  import jax
-
-  from train import config_lib
-  from train.trainer import _StopSignals
-
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0
@@ -239,19 +227,17 @@ def run_sweep(sweep: spec.Sweep, workdir: str, *, sweep_path: str = "", command:
   log(format_plan(rows, set(done)))
   peak = None
   if not sweep.overrides.get("peak_flops"):
-    from train.flops import measure_matmul_peak, total_peak
-
     peak = total_peak(measure_matmul_peak())  # once, not at the start of every run
   written = []
   todo = [r for r in runs if r.name not in done]
   # A signal outside the trainer (compiling, loading data, between runs; a background
   # shell even starts us with SIGINT ignored) stops the sweep after the current run;
   # inside a run the trainer's own handler saves a checkpoint and returns at once.
-  with _StopSignals() as stop:
+  with StopSignals() as stop:
     for run in runs:
       config = sweep.training_config(run)
       if peak is not None:
-        config_lib.set_override(config, "peak_flops", peak)
+        config_lib.set_values(config, {"peak_flops": peak})
       config_dict = config_lib.to_dict(config)
       if run.name in done:
         if done[run.name].get("config_hash") != config_hash(config_dict):
@@ -289,15 +275,11 @@ def run_sweep(sweep: spec.Sweep, workdir: str, *, sweep_path: str = "", command:
 
 
 def main(argv):
-  from absl import flags, logging
-
   del argv
   f = flags.FLAGS
   if not f["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if f.distributed or f.coordinator_address:
-    import jax
-
     if f.coordinator_address:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # TPU pods and SLURM clusters are detected without arguments.
@@ -322,8 +304,6 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags
-
   flags.DEFINE_string("sweep", "cpu", "a sweep file, or the name of one in experiments/sweeps/")
   flags.DEFINE_string("workdir", None, "sweep workdir (default: runs/sweeps/<sweep name>)")
   flags.DEFINE_integer("max_runs", None, "run at most this many unfinished runs, then stop")
@@ -337,7 +317,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app
-
   _define_flags()
   app.run(main)

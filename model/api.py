@@ -1,13 +1,17 @@
-"""The model's functional surface: init, apply, logical axes.
+"""The model's functional surface: init, apply, abstract shapes, logical axes, readouts.
 
   params = init(cfg, rng)
   logits_BTV, cache = apply(cfg, params, tokens_BT, positions_BT=..., segment_ids_BT=...,
                             cache=..., deterministic=True, rng=None)
+  shapes = abstract_params(cfg)               # ShapeDtypeStructs: nothing allocated
+  logits_BTV = unembed(cfg, params, x_BTD)    # a residual stream read out as logits
 
 `cfg` is hashable, so `jax.jit(apply, static_argnums=0)` works as is.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -17,16 +21,14 @@ import numpy as np
 from model import positions as pos_lib
 from model.cache import KVCache
 from model.config import ModelConfig
+from model.layers import Embed, dtype_of, make_linear, make_norm
+from model.lora import without_lora
 from model.masks import KIND_IDS, Mask
 from model.transformer import Transformer
 
 
 def _kinds_L(cfg: ModelConfig) -> jnp.ndarray:
   return jnp.array([KIND_IDS[k] for k in cfg.layer_kinds], jnp.int32)
-
-
-def _base(cfg: ModelConfig) -> ModelConfig:
-  return cfg.replace(lora_rank=0, lora_targets=()) if cfg.lora_rank else cfg
 
 
 def _init_variables(cfg: ModelConfig, rng):
@@ -42,7 +44,7 @@ def _init_variables(cfg: ModelConfig, rng):
 
 def init(cfg: ModelConfig, rng) -> dict:
   """Fresh parameters (a nested dict of arrays, layers stacked on axis 0 when scanned)."""
-  return nn.unbox(_init_variables(_base(cfg), rng)["params"])
+  return nn.unbox(_init_variables(without_lora(cfg), rng)["params"])
 
 
 def init_lora(cfg: ModelConfig, rng) -> dict:
@@ -52,11 +54,24 @@ def init_lora(cfg: ModelConfig, rng) -> dict:
   return nn.unbox(_init_variables(cfg, rng)["lora"])
 
 
+@functools.lru_cache(maxsize=64)
+def _abstract_variables(cfg: ModelConfig, collection: str):
+  """The boxed (logically partitioned) abstract variables of `collection`: one trace of init
+  per config and collection in a process; shapes and logical axes both come from it."""
+  if collection not in ("params", "lora"):
+    raise ValueError(f"collection must be 'params' or 'lora', not {collection!r}")
+  model_cfg = cfg if collection == "lora" else without_lora(cfg)
+  return jax.eval_shape(lambda: _init_variables(model_cfg, jax.random.PRNGKey(0)))[collection]
+
+
+def abstract_params(cfg: ModelConfig, collection: str = "params"):
+  """The params (or 'lora') pytree as ShapeDtypeStructs (nothing is allocated)."""
+  return jax.tree.map(lambda x: x, nn.unbox(_abstract_variables(cfg, collection)))
+
+
 def logical_axes(cfg: ModelConfig, collection: str = "params"):
   """The params (or 'lora') pytree with a PartitionSpec of logical axis names per leaf."""
-  abstract = jax.eval_shape(lambda: _init_variables(cfg if collection == "lora" else _base(cfg),
-                                                    jax.random.PRNGKey(0)))
-  return nn.get_partition_spec(abstract)[collection]
+  return nn.get_partition_spec(_abstract_variables(cfg, collection))
 
 
 def apply(cfg: ModelConfig, params, tokens_BT, *, positions_BT=None, segment_ids_BT=None,
@@ -114,7 +129,7 @@ def apply(cfg: ModelConfig, params, tokens_BT, *, positions_BT=None, segment_ids
 
   if interventions is not None:
     interventions.check(cfg, b, t)
-  model_cfg = cfg if (lora is not None and cfg.lora_rank) else _base(cfg)
+  model_cfg = cfg if (lora is not None and cfg.lora_rank) else without_lora(cfg)
   variables = {"params": params}
   if model_cfg.lora_rank:
     variables["lora"] = lora
@@ -141,6 +156,35 @@ def _flatten_sown(tree):
   """Sown values come as 1-tuples; unwrap them."""
   return jax.tree.map(lambda v: v[0] if isinstance(v, tuple) and len(v) == 1 else v, tree,
                       is_leaf=lambda v: isinstance(v, tuple))
+
+
+def normalize(cfg: ModelConfig, norm_params, x_BTD):
+  """One of the model's norms (LayerNorm or RMSNorm as cfg says) with its params
+  (e.g. params['final_norm'], or a layer's ['attn_norm'])."""
+  return make_norm(cfg, "norm").apply({"params": norm_params}, x_BTD)
+
+
+def unembed(cfg: ModelConfig, params, x_BTD):
+  """Logits [B, T, V] float32 of a residual stream [B, T, D]: the final norm (pre-norm
+  models), then the LM head (x E^T when tied, eq. 8.46), as at the end of `apply`."""
+  if cfg.norm_placement == "pre":
+    x_BTD = normalize(cfg, params["final_norm"], x_BTD)
+  if cfg.tie_embeddings:
+    embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, dtype_of(cfg.dtype),
+                  dtype_of(cfg.param_dtype))
+    return embed.apply({"params": params["embed"]}, x_BTD, method=Embed.attend)
+  head = make_linear(without_lora(cfg).replace(dtype="float32"), "lm_head", cfg.vocab_size,
+                     ("embed", "vocab"), use_bias=False)
+  return head.apply({"params": params["lm_head"]}, x_BTD.astype(jnp.float32))
+
+
+def layer_params(cfg: ModelConfig, params, layer: int):
+  """The params of one block (sliced out of the stacked tree when the layers are scanned)."""
+  if not 0 <= layer < cfg.n_layers:
+    raise ValueError(f"layer {layer} outside [0, {cfg.n_layers})")
+  if cfg.scan_layers:
+    return jax.tree.map(lambda a: a[layer], params["layers"])
+  return params[f"layers_{layer}"]
 
 
 def unstack_layers(params, n_layers: int):

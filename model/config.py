@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterable
 from typing import Any
 
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
@@ -23,6 +24,10 @@ ATTENTION_IMPLS = ("dense", "chunked", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 LORA_TARGETS = ("q", "k", "v", "o", "qkv", "up", "gate", "gate_up", "down")
+# Fields that change how a model runs, not which weights it has or how they are laid out
+# (scan_layers is not one: it stacks the layers' params on one axis or keeps them apart).
+RUNTIME_FIELDS = ("attention_impl", "attn_chunk_size", "dropout_rate", "attn_dropout_rate",
+                  "remat", "dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,8 +242,31 @@ class ModelConfig:
       raise ValueError(f"ModelConfig: unknown field(s) {unknown}; known: {sorted(known)}")
     return cls(**d)
 
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
   def replace(self, **changes) -> ModelConfig:
     return dataclasses.replace(self, **changes)
+
+  def weight_differences(self, other: ModelConfig, *, ignore: tuple[str, ...] = ()
+                         ) -> list[str]:
+    """Fields that differ between the two configs and change the weights (their shapes,
+    layout, dtype or meaning): every field but RUNTIME_FIELDS and `ignore`."""
+    return [f.name for f in dataclasses.fields(self)
+            if f.name not in RUNTIME_FIELDS + tuple(ignore)
+            and getattr(self, f.name) != getattr(other, f.name)]
+
+
+def parse_field_overrides(items: Iterable[str]) -> dict[str, Any]:
+  """['n_layers=8', 'position=rope'] -> {'n_layers': 8, 'position': 'rope'} (`--set` flags).
+
+  Values are JSON (numbers, true/false, null, lists) or else plain strings; the
+  field names are checked when the ModelConfig is built.
+  """
+  overrides = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"expected field=value, got {item!r}")
+    try:
+      overrides[key] = json.loads(text)
+    except json.JSONDecodeError:
+      overrides[key] = text
+  return overrides

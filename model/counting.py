@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import jax
 
+from model.api import abstract_params
 from model.config import ModelConfig
 
 
@@ -15,16 +16,9 @@ class ParamCount(NamedTuple):
   non_embedding: int  # without token/position embeddings and an untied LM head (Kaplan et al.)
 
 
-def param_shapes(cfg: ModelConfig):
-  """The params pytree as ShapeDtypeStructs: nothing is allocated."""
-  from model.api import init  # local import: api imports nothing from here
-
-  return jax.eval_shape(lambda: init(cfg, jax.random.PRNGKey(0)))
-
-
 def count_params(cfg: ModelConfig) -> ParamCount:
-  """Exact parameter counts of `cfg`, computed from shapes via eval_shape."""
-  shapes = param_shapes(cfg)
+  """Exact parameter counts of `cfg`, computed from its abstract params (shapes only)."""
+  shapes = abstract_params(cfg)
   total = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
   embedding = math.prod(shapes["embed"]["embedding"].shape)
   if "pos_embedding" in shapes:

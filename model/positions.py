@@ -16,9 +16,9 @@ def sinusoidal(positions_BT: jnp.ndarray, d_model: int) -> jnp.ndarray:
   """
   i_half = jnp.arange(d_model // 2, dtype=jnp.float32)
   inv_freq = 1.0 / (10000.0 ** (2.0 * i_half / d_model))
-  angle_BTI = positions_BT[..., None].astype(jnp.float32) * inv_freq
-  pe_BTI2 = jnp.stack([jnp.sin(angle_BTI), jnp.cos(angle_BTI)], axis=-1)
-  return pe_BTI2.reshape(*positions_BT.shape, d_model)
+  angle_BTJ = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  pe_BTJ2 = jnp.stack([jnp.sin(angle_BTJ), jnp.cos(angle_BTJ)], axis=-1)
+  return pe_BTJ2.reshape(*positions_BT.shape, d_model)
 
 
 def apply_rope(x_BTNH: jnp.ndarray, positions_BT: jnp.ndarray, theta: float) -> jnp.ndarray:

@@ -21,6 +21,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from model.api import abstract_params, logical_axes
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES = (
@@ -80,11 +82,8 @@ def logical_to_sharding(logical_tree, shapes_tree, mesh: Mesh, rules=LOGICAL_RUL
 
 def param_shardings(cfg, mesh: Mesh, rules=LOGICAL_RULES, collection: str = "params"):
   """NamedSharding of every parameter of `cfg` under `rules` (nothing is allocated)."""
-  from model.api import init, init_lora, logical_axes
-
-  make = init_lora if collection == "lora" else init
-  shapes = jax.eval_shape(lambda: make(cfg, jax.random.PRNGKey(0)))
-  return logical_to_sharding(logical_axes(cfg, collection), shapes, mesh, rules)
+  return logical_to_sharding(logical_axes(cfg, collection), abstract_params(cfg, collection),
+                             mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=LOGICAL_RULES) -> NamedSharding:

@@ -11,9 +11,12 @@ from __future__ import annotations
 import math
 
 import jax
+from absl import app, flags
 
-from model.config import ModelConfig
-from model.counting import count_params, estimate_params, param_shapes
+from model.api import abstract_params
+from model.config import ModelConfig, parse_field_overrides
+from model.counting import count_params, estimate_params
+from model.presets import get_preset
 
 
 def _n(tree) -> int:
@@ -70,7 +73,7 @@ def _lines(name: str, node, depth: int, stacked: bool, layers: int):
 
 def summary(cfg: ModelConfig, name: str = "Transformer") -> str:
   """The module tree of `cfg`, one module per line, parameter counts on the right."""
-  shapes = param_shapes(cfg)
+  shapes = abstract_params(cfg)
   rows = [(f"{name}(", None)]
   order = ["embed", "pos_embedding", "layers"] + [
       f"layers_{i}" for i in range(cfg.n_layers)] + ["final_norm", "lm_head"]
@@ -94,33 +97,13 @@ def summary(cfg: ModelConfig, name: str = "Transformer") -> str:
   return "\n".join(out)
 
 
-def _parse_value(text: str):
-  import json
-
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError:
-    return text
-
-
 def main(argv):
   del argv
-  from absl import flags
-
-  from model.presets import get_preset
-
-  overrides = {}
-  for item in flags.FLAGS.set:
-    if "=" not in item:
-      raise ValueError(f"--set expects field=value, got {item!r}")
-    key, value = item.split("=", 1)
-    overrides[key] = _parse_value(value)
+  overrides = parse_field_overrides(flags.FLAGS.set)
   print(summary(get_preset(flags.FLAGS.preset, **overrides), name=flags.FLAGS.preset))
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-
   flags.DEFINE_string("preset", "nanogpt-baby", "Model preset name (see model/presets.py).")
   flags.DEFINE_multi_string("set", [], "Override a ModelConfig field: --set n_layers=8.")
   app.run(main)

@@ -211,9 +211,9 @@ class Transformer(nn.Module):
     if cfg.position == "learned":
       init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                           ("length", "embed"))
-      table_PD = self.param("pos_embedding", init, (cfg.max_seq_len, cfg.d_model),
+      table_MD = self.param("pos_embedding", init, (cfg.max_seq_len, cfg.d_model),
                             dtype_of(cfg.param_dtype))
-      x_BTD = x_BTD + jnp.take(table_PD, positions_BT, axis=0).astype(x_BTD.dtype)
+      x_BTD = x_BTD + jnp.take(table_MD, positions_BT, axis=0).astype(x_BTD.dtype)
     elif cfg.position == "sinusoidal":
       x_BTD = x_BTD + pos_lib.sinusoidal(positions_BT, cfg.d_model).astype(x_BTD.dtype)
     x_BTD = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)(x_BTD)

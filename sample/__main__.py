@@ -15,6 +15,9 @@ import time
 
 from absl import app, flags, logging
 
+from model.store import WorkdirError
+from sample.generator import Generator
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by `python -m train` (or an import).")
 flags.DEFINE_string("prompt", "", "Text to continue (empty: start from the bos token).")
@@ -37,9 +40,6 @@ def main(argv):
     raise app.UsageError("--workdir is required (a directory written by `python -m train`)")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  from sample.generator import Generator
-  from train.workdir import WorkdirError
-
   try:
     gen = Generator.from_workdir(FLAGS.workdir, FLAGS.step)
   except WorkdirError as e:

@@ -15,7 +15,7 @@ the cache full. A row is done when it emits one of `stop_ids`; the stop token
 is NOT part of the returned tokens. No Python runs per token.
 
 Static shapes are bucketed (powers of two): batch, prompt length P, new-token
-buffer N, and the cache S = P + N (at most max_seq_len for learned positions,
+buffer E, and the cache S = P + E (at most max_seq_len for learned positions,
 whose table ends there, or an explicit cache_len). Changing max_new_tokens,
 the prompts, the seed, temperature/top-k/top-p values or the stop ids within
 a bucket reuses the compiled program. A request that cannot fit raises
@@ -35,7 +35,8 @@ Randomness: row r's token i is drawn with fold_in(fold_in(PRNGKey(seed), r), i),
 so a row's sample depends only on (seed, row, step): not on the batch size, the
 chunking of a stream, or whether the cache is used.
 
-Legend: B batch, P prompt slots, N new-token slots, S cache slots, V vocab.
+Legend (model/README.md): B batch, P prompt slots, E emitted (new-token) slots, S cache
+slots, V vocab.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Plan(NamedTuple):
 
   batch: int        # B, rows (padded to a power of two)
   prompt_len: int   # P, prompt slots
-  new_tokens: int   # N, output slots
+  new_tokens: int   # E, output slots
   cache_len: int    # S, KV-cache slots (or token-buffer length without a cache)
 
 
@@ -133,9 +134,9 @@ class DecodeState:
   token_B: jnp.ndarray      # i32: each row's latest token (the next input)
   done_B: jnp.ndarray       # bool: row emitted a stop id (or is batch padding)
   count_B: jnp.ndarray      # i32: tokens emitted per row
-  tokens_BN: jnp.ndarray    # i32: emitted tokens, NO_TOKEN after a stop
-  logprobs_BN: jnp.ndarray | None   # f32: log p(token) under the model (temperature 1)
-  logits_BNV: jnp.ndarray | None    # f32: the raw next-token logits of every step
+  tokens_BE: jnp.ndarray    # i32: emitted tokens, NO_TOKEN after a stop
+  logprobs_BE: jnp.ndarray | None   # f32: log p(token) under the model (temperature 1)
+  logits_BEV: jnp.ndarray | None    # f32: the raw next-token logits of every step
   keys_B: jnp.ndarray       # per-row PRNG keys
   context: object
 
@@ -158,20 +159,11 @@ class Generation:
 
 # ---- model plumbing -----------------------------------------------------------------------
 
-def decode_model(cfg: ModelConfig, params, lora=None):
-  """(cfg, params, lora) with the layers unrolled: what the decode loop runs."""
+def decode_model(cfg: ModelConfig, params):
+  """(cfg, params) with the layers unrolled: what the decode loop runs."""
   if not cfg.scan_layers:
-    return cfg, params, lora
-  unrolled = model.unstack_layers(params, cfg.n_layers)
-  if lora is not None:
-    lora = model.unstack_layers(lora, cfg.n_layers)
-  return cfg.replace(scan_layers=False), unrolled, lora
-
-
-def _check_lora(cfg: ModelConfig, lora):
-  if lora is not None and not cfg.lora_rank:
-    raise ValueError("lora adapters were given but cfg.lora_rank is 0: pass the config the "
-                     "adapters were trained with")
+    return cfg, params
+  return cfg.replace(scan_layers=False), model.unstack_layers(params, cfg.n_layers)
 
 
 def _last_logits(logits_BTV, lengths_B):
@@ -185,38 +177,38 @@ def _prefix_sizes(s: int) -> tuple[int, ...]:
   return tuple(sorted({min(s, c * j) for j in range(1, math.ceil(s / c) + 1)}))
 
 
-def _full_forward_last(cfg, params, lora, tokens_BS, lengths_B):
+def _full_forward_last(cfg, params, tokens_BS, lengths_B):
   """No-cache step: the full forward over the shortest prefix covering every row."""
   sizes = _prefix_sizes(tokens_BS.shape[1])
 
   def branch(size):
-    return lambda t: _last_logits(model.apply(cfg, params, t[:, :size], lora=lora)[0], lengths_B)
+    return lambda t: _last_logits(model.apply(cfg, params, t[:, :size])[0], lengths_B)
 
   index = jnp.searchsorted(jnp.array(sizes), jnp.max(lengths_B))
   return lax.switch(index, [branch(s) for s in sizes], tokens_BS)
 
 
-def _start(cfg, opts: Options, params, lora, prompts_BP, lengths_B):
+def _start(cfg, opts: Options, params, prompts_BP, lengths_B):
   """(logits at the last prompt token [B, V], context) from one pass over the prompts."""
   b, p = prompts_BP.shape
   s = opts.plan.cache_len
   if opts.use_cache:
     cache = model.init_cache(cfg, b, max_len=s)
-    logits_BPV, cache = model.apply(cfg, params, prompts_BP, cache=cache, lora=lora)
+    logits_BPV, cache = model.apply(cfg, params, prompts_BP, cache=cache)
     return _last_logits(logits_BPV, lengths_B), cache.replace(lengths_B=lengths_B)
   tokens_BS = jnp.pad(prompts_BP, ((0, 0), (0, s - p)))
-  return _full_forward_last(cfg, params, lora, tokens_BS, lengths_B), (tokens_BS, lengths_B)
+  return _full_forward_last(cfg, params, tokens_BS, lengths_B), (tokens_BS, lengths_B)
 
 
-def _advance(cfg, opts: Options, params, lora, context, token_B):
+def _advance(cfg, opts: Options, params, context, token_B):
   """Feed one token per row: (next-token logits [B, V], context)."""
   if opts.use_cache:
-    logits_B1V, cache = model.apply(cfg, params, token_B[:, None], cache=context, lora=lora)
+    logits_B1V, cache = model.apply(cfg, params, token_B[:, None], cache=context)
     return logits_B1V[:, 0], cache
   tokens_BS, lengths_B = context
   tokens_BS = jax.vmap(lambda row, t, i: row.at[i].set(t))(tokens_BS, token_B, lengths_B)
   lengths_B = lengths_B + 1
-  return _full_forward_last(cfg, params, lora, tokens_BS, lengths_B), (tokens_BS, lengths_B)
+  return _full_forward_last(cfg, params, tokens_BS, lengths_B), (tokens_BS, lengths_B)
 
 
 def _filled_B(opts: Options, context):
@@ -237,35 +229,35 @@ def _choose_and_record(kind: SamplingKind, opts: Options, state: DecodeState, lo
   updates = dict(
       step=i + 1, token_B=token_B, done_B=state.done_B | is_stop_B,
       count_B=state.count_B + emit_B.astype(jnp.int32),
-      tokens_BN=lax.dynamic_update_slice_in_dim(state.tokens_BN, column_B1, i, axis=1))
+      tokens_BE=lax.dynamic_update_slice_in_dim(state.tokens_BE, column_B1, i, axis=1))
   if opts.logprobs:
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV.astype(jnp.float32)),
                                  token_B[:, None], axis=-1)
-    updates["logprobs_BN"] = lax.dynamic_update_slice_in_dim(state.logprobs_BN, logp_B, i, axis=1)
+    updates["logprobs_BE"] = lax.dynamic_update_slice_in_dim(state.logprobs_BE, logp_B, i, axis=1)
   if opts.logits:
-    updates["logits_BNV"] = lax.dynamic_update_slice_in_dim(
-        state.logits_BNV, logits_BV[:, None].astype(jnp.float32), i, axis=1)
+    updates["logits_BEV"] = lax.dynamic_update_slice_in_dim(
+        state.logits_BEV, logits_BV[:, None].astype(jnp.float32), i, axis=1)
   return state.replace(**updates)
 
 
-def _prefill(cfg, kind, opts, params, lora, prompts_BP, lengths_B, done_B, stop_ids, values,
+def _prefill(cfg, kind, opts, params, prompts_BP, lengths_B, done_B, stop_ids, values,
              seed) -> DecodeState:
   """The prompt pass and token 0 of every row."""
   b = prompts_BP.shape[0]
   n, v = opts.plan.new_tokens, cfg.vocab_size
-  logits_BV, context = _start(cfg, opts, params, lora, prompts_BP, lengths_B)
+  logits_BV, context = _start(cfg, opts, params, prompts_BP, lengths_B)
   base = jax.random.PRNGKey(seed)
   state = DecodeState(
       step=jnp.int32(0), token_B=jnp.zeros((b,), jnp.int32), done_B=done_B,
-      count_B=jnp.zeros((b,), jnp.int32), tokens_BN=jnp.full((b, n), NO_TOKEN, jnp.int32),
-      logprobs_BN=jnp.zeros((b, n), jnp.float32) if opts.logprobs else None,
-      logits_BNV=jnp.zeros((b, n, v), jnp.float32) if opts.logits else None,
+      count_B=jnp.zeros((b,), jnp.int32), tokens_BE=jnp.full((b, n), NO_TOKEN, jnp.int32),
+      logprobs_BE=jnp.zeros((b, n), jnp.float32) if opts.logprobs else None,
+      logits_BEV=jnp.zeros((b, n, v), jnp.float32) if opts.logits else None,
       keys_B=jax.vmap(jax.random.fold_in, (None, 0))(base, jnp.arange(b)),
       context=context)
   return _choose_and_record(kind, opts, state, logits_BV, stop_ids, values)
 
 
-def _decode(cfg, kind, opts, params, lora, state: DecodeState, end, max_new, stop_ids,
+def _decode(cfg, kind, opts, params, state: DecodeState, end, max_new, stop_ids,
             values) -> DecodeState:
   """Decode until `end` (or max_new) tokens, every row done, or the cache full."""
   limit = jnp.minimum(end, max_new)
@@ -276,7 +268,7 @@ def _decode(cfg, kind, opts, params, lora, state: DecodeState, end, max_new, sto
     return (st.step < limit) & ~jnp.all(st.done_B) & room
 
   def body(st: DecodeState):
-    logits_BV, context = _advance(cfg, opts, params, lora, st.context, st.token_B)
+    logits_BV, context = _advance(cfg, opts, params, st.context, st.token_B)
     return _choose_and_record(kind, opts, st.replace(context=context), logits_BV, stop_ids,
                               values)
 
@@ -287,24 +279,24 @@ _STATIC = ("cfg", "kind", "opts")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_jit(cfg, kind, opts, params, lora, prompts_BP, lengths_B, done_B, max_new,
+def _generate_jit(cfg, kind, opts, params, prompts_BP, lengths_B, done_B, max_new,
                   stop_ids, values, seed):
-  cfg, params, lora = decode_model(cfg, params, lora)
-  state = _prefill(cfg, kind, opts, params, lora, prompts_BP, lengths_B, done_B, stop_ids,
-                   values, seed)
-  return _decode(cfg, kind, opts, params, lora, state, max_new, max_new, stop_ids, values)
+  cfg, params = decode_model(cfg, params)
+  state = _prefill(cfg, kind, opts, params, prompts_BP, lengths_B, done_B, stop_ids, values,
+                   seed)
+  return _decode(cfg, kind, opts, params, state, max_new, max_new, stop_ids, values)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _prefill_jit(cfg, kind, opts, params, lora, prompts_BP, lengths_B, done_B, stop_ids, values,
+def _prefill_jit(cfg, kind, opts, params, prompts_BP, lengths_B, done_B, stop_ids, values,
                  seed):
-  return _prefill(cfg, kind, opts, params, lora, prompts_BP, lengths_B, done_B, stop_ids,
-                  values, seed)
+  return _prefill(cfg, kind, opts, params, prompts_BP, lengths_B, done_B, stop_ids, values,
+                  seed)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
-def _decode_jit(cfg, kind, opts, params, lora, state, end, max_new, stop_ids, values):
-  return _decode(cfg, kind, opts, params, lora, state, end, max_new, stop_ids, values)
+def _decode_jit(cfg, kind, opts, params, state, end, max_new, stop_ids, values):
+  return _decode(cfg, kind, opts, params, state, end, max_new, stop_ids, values)
 
 
 def compiled_programs() -> int:
@@ -358,9 +350,8 @@ class _Request(NamedTuple):
   values: SamplingValues
 
 
-def _request(cfg, prompts_ids, max_new_tokens, sampling, stop_ids, lora, use_cache, cache_len,
+def _request(cfg, prompts_ids, max_new_tokens, sampling, stop_ids, use_cache, cache_len,
              return_logprobs, return_logits) -> _Request:
-  _check_lora(cfg, lora)
   if not isinstance(sampling, Sampling):
     raise ValueError(f"sampling must be a Sampling strategy (Greedy(), TopK(40), ...), "
                      f"got {sampling!r}")
@@ -391,15 +382,15 @@ def _seed(seed) -> np.uint32:
 def _collect(req: _Request, state: DecodeState, start: int = 0) -> Generation:
   """Host copy of tokens [start, count) of each real row."""
   count_B = np.asarray(state.count_B)[:req.rows]
-  tokens_BN = np.asarray(state.tokens_BN)
+  tokens_BE = np.asarray(state.tokens_BE)
   done_B = np.asarray(state.done_B)[:req.rows]
-  tokens = [tokens_BN[r, start:count_B[r]].tolist() for r in range(req.rows)]
+  tokens = [tokens_BE[r, start:count_B[r]].tolist() for r in range(req.rows)]
   logprobs = logits = None
   if req.opts.logprobs:
-    lp = np.asarray(state.logprobs_BN)
+    lp = np.asarray(state.logprobs_BE)
     logprobs = [lp[r, start:count_B[r]] for r in range(req.rows)]
   if req.opts.logits:
-    lg = np.asarray(state.logits_BNV)
+    lg = np.asarray(state.logits_BEV)
     logits = [lg[r, start:count_B[r]] for r in range(req.rows)]
   return Generation(tokens, done_B.tolist(), logprobs, logits)
 
@@ -407,7 +398,7 @@ def _collect(req: _Request, state: DecodeState, start: int = 0) -> Generation:
 # ---- public API ---------------------------------------------------------------------------
 
 def generate(cfg: ModelConfig, params, prompts_ids, max_new_tokens: int, *,
-             sampling: Sampling = GREEDY, seed: int = 0, stop_ids=(), lora=None,
+             sampling: Sampling = GREEDY, seed: int = 0, stop_ids=(),
              use_cache: bool = True, cache_len: int | None = None,
              return_logprobs: bool = False, return_logits: bool = False) -> Generation:
   """New tokens for each prompt (a ragged list of token-id lists), with optional extras.
@@ -417,15 +408,15 @@ def generate(cfg: ModelConfig, params, prompts_ids, max_new_tokens: int, *,
   cache_len: KV-cache slots (default: the bucketed need, at most cfg.max_seq_len).
   use_cache=False recomputes the full forward every step (slow; for comparison).
   """
-  req = _request(cfg, prompts_ids, max_new_tokens, sampling, stop_ids, lora, use_cache,
-                 cache_len, return_logprobs, return_logits)
+  req = _request(cfg, prompts_ids, max_new_tokens, sampling, stop_ids, use_cache, cache_len,
+                 return_logprobs, return_logits)
   if max_new_tokens == 0:
     empty = [np.zeros((0,), np.float32)] * req.rows
     return Generation([[] for _ in range(req.rows)], [False] * req.rows,
                       empty if return_logprobs else None,
                       [np.zeros((0, cfg.vocab_size), np.float32)] * req.rows
                       if return_logits else None)
-  state = _generate_jit(cfg, req.kind, req.opts, params, lora, req.prompts_BP, req.lengths_B,
+  state = _generate_jit(cfg, req.kind, req.opts, params, req.prompts_BP, req.lengths_B,
                         req.done_B, np.int32(max_new_tokens), req.stop_ids, req.values,
                         _seed(seed))
   return _collect(req, state)
@@ -433,19 +424,19 @@ def generate(cfg: ModelConfig, params, prompts_ids, max_new_tokens: int, *,
 
 def generate_ids(cfg: ModelConfig, params, prompts_ids: list[list[int]], max_new_tokens: int, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop_ids=(), lora=None) -> list[list[int]]:
+                 stop_ids=()) -> list[list[int]]:
   """Only the new tokens of each prompt; a row stops at its first stop id (excluded).
 
   temperature 0 (the default) is greedy decoding; otherwise temperature, then
   top-k (0: off), then top-p (1: off). Deterministic for a given seed.
   """
   return generate(cfg, params, prompts_ids, max_new_tokens,
-                  sampling=from_args(temperature, top_k, top_p), seed=seed, stop_ids=stop_ids,
-                  lora=lora).tokens
+                  sampling=from_args(temperature, top_k, top_p), seed=seed,
+                  stop_ids=stop_ids).tokens
 
 
 def stream_ids(cfg: ModelConfig, params, prompts_ids, max_new_tokens: int, *,
-               sampling: Sampling = GREEDY, seed: int = 0, stop_ids=(), lora=None,
+               sampling: Sampling = GREEDY, seed: int = 0, stop_ids=(),
                use_cache: bool = True, cache_len: int | None = None,
                chunk_size: int = 8) -> Iterator[list[list[int]]]:
   """Yield, every `chunk_size` decode steps, the new tokens of each row since the last yield.
@@ -455,12 +446,12 @@ def stream_ids(cfg: ModelConfig, params, prompts_ids, max_new_tokens: int, *,
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-  req = _request(cfg, prompts_ids, max_new_tokens, sampling, stop_ids, lora, use_cache,
-                 cache_len, False, False)
+  req = _request(cfg, prompts_ids, max_new_tokens, sampling, stop_ids, use_cache, cache_len,
+                 False, False)
   if max_new_tokens == 0:
     return
-  dcfg, dparams, dlora = decode_model(cfg, params, lora)
-  state = _prefill_jit(dcfg, req.kind, req.opts, dparams, dlora, req.prompts_BP, req.lengths_B,
+  dcfg, dparams = decode_model(cfg, params)
+  state = _prefill_jit(dcfg, req.kind, req.opts, dparams, req.prompts_BP, req.lengths_B,
                        req.done_B, req.stop_ids, req.values, _seed(seed))
   sent = 0
   max_new = np.int32(max_new_tokens)
@@ -471,7 +462,7 @@ def stream_ids(cfg: ModelConfig, params, prompts_ids, max_new_tokens: int, *,
       sent = step
     if step >= max_new_tokens or bool(np.all(np.asarray(state.done_B))):
       return
-    state = _decode_jit(dcfg, req.kind, req.opts, dparams, dlora, state,
+    state = _decode_jit(dcfg, req.kind, req.opts, dparams, state,
                         np.int32(step + chunk_size), max_new, req.stop_ids, req.values)
     if int(state.step) == step:  # no progress: the cache is full (plan() prevents this)
       return
@@ -479,5 +470,5 @@ def stream_ids(cfg: ModelConfig, params, prompts_ids, max_new_tokens: int, *,
 
 def _since(req: _Request, state: DecodeState, start: int) -> list[list[int]]:
   """Tokens emitted at steps >= start, per real row."""
-  tokens_BN = np.asarray(state.tokens_BN)[:req.rows, start:int(state.step)]
-  return [[t for t in row if t != NO_TOKEN] for row in tokens_BN.tolist()]
+  tokens_BE = np.asarray(state.tokens_BE)[:req.rows, start:int(state.step)]
+  return [[t for t in row if t != NO_TOKEN] for row in tokens_BE.tolist()]

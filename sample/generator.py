@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from model import store
 from sample import distribution, engine
 from sample.strategies import Sampling, from_args
 
@@ -26,11 +27,14 @@ from sample.strategies import Sampling, from_args
 class Generator:
   """A model, its parameters (layers unrolled once for decoding) and its tokenizer."""
 
-  def __init__(self, cfg, params, tokenizer, *, lora=None, step: int | None = None,
+  def __init__(self, cfg, params, tokenizer, *, step: int | None = None,
                stop_ids: Sequence[int] = ()):
-    """`stop_ids`: token ids that end a row besides the tokenizer's eos (Phi-3 has three)."""
-    engine._check_lora(cfg, lora)
-    self.cfg, self.params, self.lora = engine.decode_model(cfg, params, lora)
+    """`params` of a plain model (a LoRA run's adapters merged: `model.store.load_params`);
+    `stop_ids`: token ids that end a row besides the tokenizer's eos (Phi-3 has three)."""
+    if cfg.lora_rank:
+      raise ValueError("Generator takes a plain model: merge the LoRA adapters first "
+                       "(model.store.load_params does, or model.lora.merge)")
+    self.cfg, self.params = engine.decode_model(cfg, params)
     self.tokenizer = tokenizer
     self.step = step
     self.stop_ids = tuple(int(i) for i in stop_ids)
@@ -40,13 +44,12 @@ class Generator:
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> Generator:
-    """Config, tokenizer and the latest (or given) checkpoint's params (+ LoRA adapters)."""
-    from train.workdir import load_tokenizer, read_config, restore_params
-
-    cfg, params, lora, step = restore_params(workdir, step)
+    """Config, tokenizer and the latest (or given) checkpoint's params (LoRA adapters merged)."""
+    loaded = store.load_params(workdir, step)
     # An imported checkpoint records every id its generation config stops at (model/hf).
-    stop_ids = read_config(workdir).get("source", {}).get("stop_ids") or ()
-    return cls(cfg, params, load_tokenizer(workdir), lora=lora, step=step, stop_ids=stop_ids)
+    stop_ids = store.read_config(workdir).get("source", {}).get("stop_ids") or ()
+    return cls(loaded.cfg, loaded.params, store.load_tokenizer(workdir), step=loaded.step,
+               stop_ids=stop_ids)
 
   # ---- tokens ----------------------------------------------------------------------------
   def encode(self, prompt: str) -> list[int]:
@@ -108,7 +111,7 @@ class Generator:
     strings, stop_ids = self._stops(stop)
     prompt_ids = [self.encode(p) for p in prompts]
     out = engine.generate(self.cfg, self.params, prompt_ids, max_new_tokens, sampling=sampling,
-                          seed=seed, stop_ids=stop_ids, lora=self.lora, use_cache=use_cache)
+                          seed=seed, stop_ids=stop_ids, use_cache=use_cache)
     texts = [self._completion(p, new, strings)
              for p, new in zip(prompt_ids, out.tokens, strict=True)]
     if return_full_text:
@@ -128,7 +131,7 @@ class Generator:
     detok = _Detokenizer(self.tokenizer, prompt_ids, strings)
     chunks = engine.stream_ids(self.cfg, self.params, [prompt_ids], max_new_tokens,
                                sampling=from_args(temperature, top_k, top_p), seed=seed,
-                               stop_ids=stop_ids, lora=self.lora, use_cache=use_cache,
+                               stop_ids=stop_ids, use_cache=use_cache,
                                chunk_size=chunk_size)
     for rows in chunks:
       piece = detok.push(rows[0])
@@ -144,13 +147,13 @@ class Generator:
   # ---- the next-token distribution -------------------------------------------------------
   def logits(self, prompt: str) -> np.ndarray:
     """[T, V]: the next-token logits after each prompt token."""
-    return distribution.prompt_logits(self.cfg, self.params, self.encode(prompt), lora=self.lora)
+    return distribution.prompt_logits(self.cfg, self.params, self.encode(prompt))
 
   def top_next_tokens(self, prompt: str, k: int = 5,
                       temperature: float = 1.0) -> list[tuple[str, float]]:
     """The k most likely next tokens as (decoded text, probability)."""
     ids, probs = distribution.top_next_tokens(self.cfg, self.params, self.encode(prompt), k,
-                                              lora=self.lora, temperature=temperature)
+                                              temperature=temperature)
     return [(self.tokenizer.decode([int(i)]), float(p)) for i, p in zip(ids, probs, strict=True)]
 
 

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from model import store
 from train import data as data_lib
 from train import tokenizer as tok_lib
 from train.config_lib import load_config
@@ -38,7 +39,7 @@ def test_sentencepiece_round_trips_any_text(tmp_path, training_texts, model_type
 
 
 def test_byte_tokenizer_lengths():
-  tok = tok_lib.ByteTokenizer()
+  tok = store.ByteTokenizer()
   lengths = tok_lib.token_byte_lengths(tok)
   assert lengths.shape == (259,) and lengths[:256].all() and not lengths[256:].any()
   assert tok.decode(tok.encode(UNSEEN)) == UNSEEN

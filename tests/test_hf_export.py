@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 import model
 import model.hf
+from model import store
 from model.hf.convert import export_workdir
 from tests import hf_testlib as lib
 from tests.conftest import tiny_config
@@ -102,16 +103,13 @@ def test_bfloat16_export(imported, tmp_path):
 def test_export_of_a_workdir_with_lora_adapters_merges_them(imported, tmp_path):
   """A fine-tuned workdir (base params + 'lora' item) exports as one plain HF model whose
   logits are the adapted model's."""
-  from train import workdir as wd
-  from train.tokenizer import ByteTokenizer
-
   base_cfg, params, _ = imported["llama-bias-tied"]
   cfg = base_cfg.replace(lora_rank=2, lora_targets=("q", "v", "up"))
   lora = jax.tree.map(lambda x: x + 0.1,  # B starts at zero; make the adapters matter
                       jax.jit(model.init_lora, static_argnums=0)(cfg, jax.random.PRNGKey(1)))
   workdir = str(tmp_path / "finetuned")
-  wd.write_config(workdir, cfg, ByteTokenizer())
-  wd.save_params(workdir, params, step=7, lora=lora)
+  store.write_config(workdir, cfg, store.ByteTokenizer())
+  store.save_params(workdir, params, step=7, lora=lora)
   assert export_workdir(workdir, str(tmp_path / "out")) == "LlamaForCausalLM"
   adapted, _ = lib.forward(cfg, params, lib.tokens(), lora=lora)
   base, _ = lib.forward(base_cfg, params, lib.tokens())

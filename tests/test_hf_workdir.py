@@ -16,12 +16,13 @@ import torch
 
 import model
 import model.hf
+from model import store
 from model.hf.convert import import_to_workdir
 from model.hf.tokenizer import install_tokenizer, special_ids
 from sample.engine import generate_ids
 from sample.generator import Generator
 from tests import hf_testlib as lib
-from train import workdir as wd
+from train.tokenizer import train_sentencepiece
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "The capital of France is"
@@ -57,13 +58,14 @@ def test_cli_import_makes_a_workdir_that_sample_runs_on_text(hf_dirs, tmp_path):
   printed = run("-m", "model.hf", "import", f"--hf_dir={hf_dirs['llama']}",
                 f"--workdir={workdir}")
   assert "imported" in printed
-  config = wd.read_config(workdir)
+  config = store.read_config(workdir)
   assert config["source"]["architecture"] == "LlamaForCausalLM"
   assert config["source"]["hf_dir"] == os.path.abspath(hf_dirs["llama"])
   assert config["tokenizer"] == {"kind": "huggingface", "file": "tokenizer.json", "bos_id": 1,
                                  "eos_id": 2, "pad_id": 0, "add_bos": True}
-  cfg, params, lora, step = wd.restore_params(workdir)
-  assert cfg == model.hf.load_config(hf_dirs["llama"]) and lora is None and step == 0
+  loaded = store.load_params(workdir)
+  assert loaded.cfg == model.hf.load_config(hf_dirs["llama"]) and loaded.step == 0
+  assert not loaded.adapted
   # `python -m sample` continues the prompt from the imported workdir
   sampled = run("-m", "sample", f"--workdir={workdir}", f"--prompt={PROMPT}",
                 "--max_new_tokens=8", "--temperature=0")
@@ -106,13 +108,11 @@ def test_gpt2_vocab_and_merges_files_become_the_same_tokenizer(hf_dirs, tmp_path
 
 def test_sentencepiece_tokenizer_model_is_installed(tmp_path):
   """A directory with only tokenizer.model (older Llama/Mistral uploads)."""
-  from train.tokenizer import SentencePieceTokenizer, train_sentencepiece
-
   hf_dir = tmp_path / "sp"
   trained = train_sentencepiece(lib.CORPUS, str(hf_dir / "tokenizer.model"), vocab_size=300)
   (hf_dir / "config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": 3}))
   tok, stop_ids = install_tokenizer(str(hf_dir), str(tmp_path / "workdir"))
-  assert isinstance(tok, SentencePieceTokenizer) and stop_ids == [3]
+  assert isinstance(tok, store.SentencePieceTokenizer) and stop_ids == [3]
   assert os.path.exists(tmp_path / "workdir" / "tokenizer.model")
   assert tok.encode(TEXT) == trained.encode(TEXT) and tok.decode(tok.encode(TEXT)) == TEXT
 
@@ -178,5 +178,5 @@ def test_cli_export_of_an_imported_workdir_loads_in_transformers(hf_dirs, tmp_pa
   reference = lib.logits(lib.reload("mistral", hf_dirs["mistral"]), lib.tokens())
   assert np.abs(lib.logits(hf, lib.tokens()) - reference).max() <= 1e-4
   tok = transformers.AutoTokenizer.from_pretrained(out)
-  assert tok(TEXT).input_ids == wd.load_tokenizer(workdir).encode(TEXT)
+  assert tok(TEXT).input_ids == store.load_tokenizer(workdir).encode(TEXT)
   assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 import model
+from experiments import interpret
 from experiments.induction_task import handmade_induction_model, sample_batch
 from experiments.interp import ablation, induction, lens
 from experiments.interp.losses import run_with_intermediates, token_losses
+from model import store
 from tests.conftest import tiny_config
 
 VOCAB = 16
@@ -108,17 +110,13 @@ def test_training_data_repeats_a_random_prefix():
 @pytest.mark.slow
 def test_interpret_cli_writes_figures_and_report(tmp_path):
   """The whole pipeline on a tiny random byte-level model with LoRA adapters in its workdir."""
-  from experiments import interpret
-  from train import workdir as wd
-  from train.tokenizer import ByteTokenizer
-
   cfg = tiny_config(vocab_size=259, lora_rank=2, lora_targets=("q", "o"))
   params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.PRNGKey(0))
   lora = jax.tree.map(lambda a: a + 0.1, jax.jit(model.init_lora, static_argnums=0)(
       cfg, jax.random.PRNGKey(1)))
   workdir = str(tmp_path / "run")
-  wd.save_params(workdir, params, step=7, lora=lora)
-  wd.write_config(workdir, cfg, ByteTokenizer())
+  store.save_params(workdir, params, step=7, lora=lora)
+  store.write_config(workdir, cfg, store.ByteTokenizer())
   summary = interpret.analyze_workdir(workdir, prompt="abcabc", alphabet="abcdefghij",
                                       half=6, batch=2, top_k=2)
   out = os.path.join(workdir, "interpret")

@@ -1,5 +1,6 @@
-"""LoRA on the model side: identity at init, adapter-only gradients, merge/unmerge, counting,
-saving adapters apart from the base, and a short fine-tune that lowers the loss."""
+"""LoRA on the model side: identity at init, gradients for every adapter, merge/unmerge,
+counting, adapters in a workdir merged at load, and a short fine-tune (the training task)
+that lowers the loss."""
 
 import math
 
@@ -11,9 +12,12 @@ import pytest
 
 import model
 from model import lora as lora_lib
+from model import store
+from model.sharding import make_mesh
 from tests.conftest import tiny_config
-from train import workdir as wd
-from train.tokenizer import ByteTokenizer
+from train.state import create_state, put_batch, state_shardings
+from train.steps import make_train_step
+from train.tasks import LoraFinetune
 
 # Jitted once per config: far cheaper than running the model op by op.
 apply = jax.jit(model.apply, static_argnums=0, static_argnames="return_intermediates")
@@ -59,17 +63,10 @@ def test_fresh_adapters_leave_the_model_unchanged(setup):
 def test_gradients_reach_only_the_adapters(setup):
   cfg, params, adapters = setup
   adapters = _nonzero(adapters)
-  grad_fn = jax.jit(lora_lib.value_and_grad(_loss_fn(cfg)))
-  loss, grads = grad_fn(params, adapters, TOKENS_BT)
+  loss_fn = _loss_fn(cfg)
+  loss, grads = jax.jit(jax.value_and_grad(lambda a: loss_fn(params, a, TOKENS_BT)))(adapters)
   assert jax.tree.structure(grads) == jax.tree.structure(adapters)
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
-  # The base params are constants of the loss: no gradient flows back into them.
-  params_grads = jax.jit(jax.grad(lambda p: grad_fn(p, adapters, TOKENS_BT)[0]))(params)
-  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(params_grads))
-  # The optimizer state covers the adapters only.
-  opt_state = optax.adam(1e-2).init(adapters)
-  n_state = sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim)
-  assert n_state == 2 * lora_lib.count(params, adapters).trainable
   assert np.isfinite(float(loss))
 
 
@@ -104,26 +101,25 @@ def test_count_is_rank_times_in_plus_out_per_adapted_matrix(setup):
                                                      counts.trainable / counts.total)
 
 
-def test_adapters_are_saved_and_loaded_apart_from_the_base(setup, tmp_path):
+def test_a_workdir_keeps_adapters_apart_and_consumers_get_them_merged(setup, tmp_path):
   cfg, params, adapters = setup
   adapters = _nonzero(adapters)
-  file = lora_lib.save_adapters(str(tmp_path / "shared"), cfg, adapters)
-  loaded_cfg, loaded = lora_lib.load_adapters(str(tmp_path / "shared"),
-                                              cfg.replace(lora_rank=0, lora_targets=()))
-  assert (loaded_cfg.lora_rank, loaded_cfg.lora_alpha, loaded_cfg.lora_targets) == (
-      4, 8.0, TARGETS)
-  jax.tree.map(np.testing.assert_array_equal, loaded, adapters)
-  assert lora_lib.load_adapters(file)[0] == cfg
-  with pytest.raises(ValueError, match=r"another model; fields that differ: \['d_model'"):
-    lora_lib.load_adapters(file, tiny_config(d_model=48))
-  # In a workdir: the 'lora' item of a checkpoint, restored without touching 'params'.
   workdir = str(tmp_path / "run")
-  wd.save_params(workdir, params, step=3, lora=adapters)
-  wd.write_config(workdir, cfg, ByteTokenizer())
-  got_cfg, got, step = lora_lib.restore_adapters(workdir)
-  assert (got_cfg, step) == (cfg, 3)
-  jax.tree.map(np.testing.assert_array_equal, got, adapters)
-  assert wd.restore_params(workdir)[2] is not None
+  store.save_params(workdir, params, step=3, lora=adapters)
+  store.write_config(workdir, cfg, store.ByteTokenizer())
+  # The 'lora' item of a checkpoint, restored without touching 'params'.
+  ckpt = store.restore(workdir, items=("lora",))
+  assert ckpt.step == 3 and set(ckpt.items) == {"lora"}
+  jax.tree.map(np.testing.assert_array_equal, ckpt.items["lora"], adapters)
+  # A consumer gets a plain model: the adapters folded into the weights once.
+  loaded = store.load_params(workdir)
+  assert loaded.adapted and loaded.cfg == lora_lib.without_lora(cfg)
+  adapted, _ = apply(cfg, params, TOKENS_BT, lora=adapters)
+  np.testing.assert_allclose(apply(loaded.cfg, loaded.params, TOKENS_BT)[0], adapted,
+                             atol=2e-5)
+  base = store.load_params(workdir, merge_lora=False)
+  assert not base.adapted
+  jax.tree.map(np.testing.assert_array_equal, base.params, params)
 
 
 def test_a_short_fine_tune_lowers_the_loss_on_new_text():
@@ -135,13 +131,25 @@ def test_a_short_fine_tune_lowers_the_loss_on_new_text():
   adapters = init_lora(cfg, jax.random.PRNGKey(1))
   text = b"the quick brown fox jumps over the lazy dog. " * 4
   tokens = np.frombuffer(text, np.uint8).astype(np.int32) % cfg.vocab_size
-  batch_BT = np.stack([tokens[i:i + 33] for i in range(0, 128, 16)])
+  rows_BT = np.stack([tokens[i:i + 33] for i in range(0, 128, 16)])
+  t = rows_BT.shape[1] - 1
+  host_batch = {"inputs": rows_BT[None, :, :-1], "targets": rows_BT[None, :, 1:],
+                "segment_ids": np.ones((1, len(rows_BT), t), np.int32),
+                "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (1, len(rows_BT), t)),
+                "loss_mask": np.ones((1, len(rows_BT), t), np.float32)}
+  mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+  task = LoraFinetune(cfg, params)
   optimizer = optax.adam(3e-2)
-  step = lora_lib.make_train_step(_loss_fn(cfg), optimizer)
-  opt_state = optimizer.init(adapters)
-  start = end = None
+  _, shardings = state_shardings(task, optimizer, mesh)
+  state = create_state(task, optimizer, mesh, jax.random.PRNGKey(1), shardings)
+  step = make_train_step(task, optimizer, lambda s: 3e-2, mesh=mesh, shardings=shardings)
+  batch = put_batch(host_batch, mesh, len(rows_BT))
+  losses = []
   for _ in range(30):
-    adapters, opt_state, loss = step(params, adapters, opt_state, batch_BT)
-    start = float(loss) if start is None else start
-    end = float(loss)
-  assert end < 0.5 * start, (start, end)
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.5 * losses[0], losses
+  # Only the adapters moved; the optimizer state exists for them alone.
+  assert jax.tree.structure(state.params) == jax.tree.structure(adapters)
+  n_state = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)
+  assert n_state == 2 * lora_lib.count(params, adapters).trainable

@@ -22,15 +22,16 @@ import orbax.checkpoint as ocp
 import pytest
 
 import model
+from model import store
 from model.config import ModelConfig
+from model.store import ByteTokenizer
 from sample.generator import Generator
 from train import finetune
-from train import workdir as wd
 from train.config_lib import ConfigError, load_config, model_section
 from train.corpus import stdlib_root
 from train.data import prepare_data
 from train.metrics import read_metrics
-from train.tokenizer import ByteTokenizer
+from train.run import setup
 from train.trainer import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,8 +69,8 @@ def base(tmp_path_factory):
   """A workdir holding random params and the byte tokenizer at step 0."""
   workdir = str(tmp_path_factory.mktemp("base"))
   params = model.init(BASE_CFG, jax.random.PRNGKey(0))
-  wd.write_config(workdir, BASE_CFG, ByteTokenizer())
-  wd.save_params(workdir, params, step=0)
+  store.write_config(workdir, BASE_CFG, ByteTokenizer())
+  store.save_params(workdir, params, step=0)
   return workdir, params
 
 
@@ -106,7 +107,7 @@ def test_only_the_adapters_train_and_the_summary_counts_them(base, straight):
   assert summary["base_val_loss"] == evals[0]["val_loss"]
   assert evals[1]["val_loss"] < evals[0]["val_loss"] - 0.01
   # config.json: the base's architecture and tokenizer plus the LoRA fields
-  config = wd.read_config(workdir)
+  config = store.read_config(workdir)
   assert ModelConfig.from_dict(config["model"]) == BASE_CFG.replace(
       lora_rank=RANK, lora_targets=("q", "k", "v", "o"))
   assert config["tokenizer"] == {"kind": "byte"}  # the base's, not config.tokenizer's
@@ -116,12 +117,14 @@ def test_only_the_adapters_train_and_the_summary_counts_them(base, straight):
 def test_checkpoint_holds_the_base_bitwise_and_optimizer_state_for_adapters_only(base, straight):
   _, base_params = base
   _, workdir, summary, _ = straight
-  with wd.checkpoint_manager(workdir) as mngr:
-    assert set(mngr.item_metadata(2 * N)) >= {"params", "lora", "opt_state", "meta", "data"}
+  assert store.checkpoint_items(workdir, 2 * N) >= {"params", "lora", "opt_state", "meta",
+                                                    "data"}
+  with store.checkpoint_manager(workdir) as mngr:
     opt_state = mngr.restore(2 * N, args=ocp.args.Composite(
         opt_state=ocp.args.StandardRestore()))["opt_state"]
-  cfg, params, adapters, step = wd.restore_params(workdir)  # what sample/ and export read
-  assert step == 2 * N and cfg.lora_rank == RANK
+  ckpt = store.restore(workdir, items=("params", "lora"))
+  params, adapters = ckpt.items["params"], ckpt.items["lora"]
+  assert ckpt.step == 2 * N and store.load_model_config(workdir).lora_rank == RANK
   for (path, want), (_, got) in zip(leaves(base_params), leaves(params), strict=True):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(path))
   # The adapters moved (B starts at zero).
@@ -150,8 +153,8 @@ def test_restart_continues_the_same_run(base, straight, tmp_path):
   np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=2e-5)
   assert again["tokens_seen"] == summary["tokens_seen"]
   assert again["base_val_loss"] == summary["base_val_loss"]  # kept in the checkpoint's meta
-  _, _, adapters_a, _ = wd.restore_params(workdir)
-  _, _, adapters_b, _ = wd.restore_params(resumed)
+  adapters_a = store.restore(workdir, items=("lora",)).items["lora"]
+  adapters_b = store.restore(resumed, items=("lora",)).items["lora"]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5),
                adapters_a, adapters_b)
 
@@ -164,7 +167,6 @@ def test_sample_cli_uses_the_adapters(base, straight):
                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   adapted = Generator.from_workdir(workdir)
-  assert adapted.lora is not None
   text = adapted.generate(PROMPT, 16, temperature=1.0)
   assert out.stdout.rstrip("\n") == PROMPT + text
   # The same frozen params without the adapters, same seed: another distribution, other text.
@@ -203,7 +205,7 @@ def test_an_imported_llama_is_fine_tuned_and_exported_merged(tmp_path):
         **settings, "model.lora_targets": ("qkv",)}), workdir)
   summary = train_and_evaluate(load_config("train/configs/lora.py", settings), workdir)
   assert summary["status"] == "completed" and summary["val_loss"] < summary["base_val_loss"]
-  config, base_config = wd.read_config(workdir), wd.read_config(base_dir)
+  config, base_config = store.read_config(workdir), store.read_config(base_dir)
   assert config["tokenizer"] == base_config["tokenizer"]  # reused, not retrained
   assert config["source"] == base_config["source"]  # the architecture and stop ids it exports
   with open(os.path.join(workdir, "tokenizer.json"), "rb") as a, \
@@ -212,7 +214,9 @@ def test_an_imported_llama_is_fine_tuned_and_exported_merged(tmp_path):
   # `python -m model.hf export` merges the adapters: the HF model gives the adapted logits.
   from model.hf.convert import export_workdir
 
-  cfg, params, adapters, _ = wd.restore_params(workdir)
+  cfg = store.load_model_config(workdir)
+  ckpt = store.restore(workdir, items=("params", "lora"))
+  params, adapters = ckpt.items["params"], ckpt.items["lora"]
   out = str(tmp_path / "exported")
   assert export_workdir(workdir, out) == "LlamaForCausalLM"
   tokens_BT = lib.tokens()
@@ -237,7 +241,8 @@ def test_bad_settings_fail_clearly_before_anything_runs(base, tmp_path):
   with pytest.raises(ConfigError, match="model.lora_rank=0: must be > 0"):
     load_config("train/configs/lora.py", {"init_from": base_dir, "model.lora_rank": 0})
   with pytest.raises(ConfigError, match="unknown projection 'qq'"):
-    load_config("train/configs/lora.py", {"init_from": base_dir, "model.lora_targets": "q,qq"})
+    load_config("train/configs/lora.py", {"init_from": base_dir,
+                                          "model.lora_targets": ("q", "qq")})
   with pytest.raises(ConfigError, match=f"init_from='{root}/nowhere'.*does not exist"):
     run(init_from=f"{root}/nowhere")
   os.makedirs(f"{root}/empty")
@@ -249,7 +254,25 @@ def test_bad_settings_fail_clearly_before_anything_runs(base, tmp_path):
     run(**{"model.d_model": 64})
   with pytest.raises(ConfigError, match="is the run's own workdir"):
     run(init_from=workdir)
-  assert wd.latest_step(workdir) is None  # nothing was trained or saved
+  assert store.latest_step(workdir) is None  # nothing was trained or saved
+
+
+def test_a_lora_run_takes_the_sequence_length_of_its_base(base, tmp_path):
+  """Unset, data.seq_len is the base run's (its config.json 'train' section); an imported base
+  (no training run) gives min(256, max_seq_len)."""
+  settings = overrides(str(tmp_path), base[0])
+  del settings["data.seq_len"]
+  run = setup(load_config("train/configs/lora.py", settings), str(tmp_path / "run"))
+  run.checkpointer.close()
+  assert run.config.data.seq_len == BASE_CFG.max_seq_len == 64
+  trained = str(tmp_path / "trained")
+  shutil.copytree(base[0], trained)
+  store.write_config(trained, BASE_CFG, ByteTokenizer(), train={"data": {"seq_len": 16}})
+  run = setup(load_config("train/configs/lora.py", {**settings, "init_from": trained}),
+              str(tmp_path / "run2"))
+  run.checkpointer.close()
+  assert run.config.data.seq_len == 16
+  assert store.read_config(str(tmp_path / "run2"))["train"]["data"]["seq_len"] == 16
 
 
 def test_default_targets_are_the_attention_projections_the_base_has():

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 
 import model
+from model import abstract_params, flash
 from model import attention as attn_lib
-from model import flash
-from model.counting import param_shapes
 from model.masks import KIND_IDS, Mask
 from tests import numpy_reference as ref
 from tests.conftest import tiny_config
@@ -139,7 +138,7 @@ def test_model_causality_for_every_pattern_and_impl(causal):
   tokens = np.random.RandomState(0).randint(0, 61, (B, 12))
   future = tokens.copy()
   future[:, 7:] = (future[:, 7:] + 5) % 61
-  params = ref.random_params(param_shapes(PATTERN_CFG))
+  params = ref.random_params(abstract_params(PATTERN_CFG))
   by_impl = {}
   for impl in IMPLS:
     cfg = PATTERN_CFG.replace(attention_impl=impl, causal=causal)
@@ -212,7 +211,7 @@ def test_cudnn_impl_is_guarded_on_cpu():
   """Running the cuDNN kernel off a GPU fails clearly; planning a GPU run (init, counting,
   summary, shardings) works anywhere, since params do not depend on the kernel."""
   cfg = tiny_config(attention_impl="cudnn")
-  params = ref.random_params(param_shapes(cfg))
+  params = ref.random_params(abstract_params(cfg))
   assert model.count_params(cfg) == model.count_params(tiny_config())
   with pytest.raises(ValueError, match="cudnn.*needs an NVIDIA GPU"):
     model.apply(cfg, params, np.zeros((1, 4), np.int32))
@@ -225,8 +224,8 @@ def test_cudnn_impl_is_guarded_on_cpu():
 def test_gqa_with_k_equal_n_is_mha():
   mha = tiny_config()
   gqa = tiny_config(n_kv_heads=4)
-  params = ref.random_params(param_shapes(mha))
-  assert jax.tree.structure(params) == jax.tree.structure(param_shapes(gqa))
+  params = ref.random_params(abstract_params(mha))
+  assert jax.tree.structure(params) == jax.tree.structure(abstract_params(gqa))
   tokens = np.random.RandomState(0).randint(0, 61, (B, 9))
   np.testing.assert_array_equal(_apply(gqa, params, tokens)[0], _apply(mha, params, tokens)[0])
 
@@ -238,7 +237,7 @@ def test_gqa_equals_mha_with_each_kv_head_repeated(n_kv):
   gqa = tiny_config(n_heads=8, n_kv_heads=n_kv, position="rope")  # G = 8 / K != K
   mha = gqa.replace(n_kv_heads=None)
   g, h = mha.n_heads // n_kv, mha.head_size
-  params = ref.random_params(param_shapes(gqa), seed=5)
+  params = ref.random_params(abstract_params(gqa), seed=5)
 
   def repeat(a):  # [..., K H] -> [..., K G H] = [..., N H]
     a = np.asarray(a).reshape(a.shape[:-1] + (n_kv, h))
@@ -247,7 +246,7 @@ def test_gqa_equals_mha_with_each_kv_head_repeated(n_kv):
   mha_params = jax.tree.map(np.asarray, params)
   for name in ("k", "v"):
     mha_params["layers"]["attn"][name] = jax.tree.map(repeat, params["layers"]["attn"][name])
-  assert jax.tree.structure(mha_params) == jax.tree.structure(param_shapes(mha))
+  assert jax.tree.structure(mha_params) == jax.tree.structure(abstract_params(mha))
   tokens = np.random.RandomState(0).randint(0, 61, (B, 9))
   np.testing.assert_allclose(_apply(gqa, params, tokens)[0], _apply(mha, mha_params, tokens)[0],
                              atol=1e-5)
@@ -259,7 +258,7 @@ def test_gqa_equals_mha_with_each_kv_head_repeated(n_kv):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_model_attention_weights_are_exactly_zero_outside_the_pattern(causal):
   cfg = PATTERN_CFG.replace(causal=causal)
-  params = ref.random_params(param_shapes(cfg), seed=6)
+  params = ref.random_params(abstract_params(cfg), seed=6)
   tokens = np.random.RandomState(7).randint(0, 61, (B, 10))
   _, _, inter = _apply(cfg, params, tokens, segment_ids_BT=_SEG, return_intermediates=True)
   w_LBNTS = np.asarray(inter["layers"]["attn"]["attn_weights"])

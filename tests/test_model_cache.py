@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import model
-from model.counting import param_shapes
+from model import abstract_params
 from tests import numpy_reference as ref
 from tests.conftest import tiny_config
 
@@ -30,7 +30,7 @@ CONFIGS = {
 
 
 def _params(cfg, seed=0):
-  return ref.random_params(param_shapes(cfg), seed)
+  return ref.random_params(abstract_params(cfg), seed)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

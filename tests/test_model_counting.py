@@ -45,7 +45,7 @@ def test_non_embedding_excludes_exactly_embeddings_positions_and_untied_head(ove
   counts = count_params(cfg)
   assert counts.total - counts.non_embedding == embedding(cfg)
   # The blocks and the final norm are what remains.
-  shapes = model.counting.param_shapes(cfg)
+  shapes = model.abstract_params(cfg)
   blocks = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["layers"]))
   assert counts.non_embedding == blocks + sum(math.prod(x.shape)
                                               for x in jax.tree.leaves(shapes["final_norm"]))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import model
-from model.counting import param_shapes
+from model import abstract_params
 from model.layers import FeedForward, LayerNorm, RMSNorm
 from model.masks import Mask
 from model.transformer import Block, SelfAttention
@@ -173,7 +173,7 @@ def test_block_eq_8_26_to_8_31(overrides):
 def test_embedding_and_lm_head_eq_8_46_8_47(tied):
   """x_t = E[w_t] + P[t]; u = h_L E^T (tied) or h_L W_head; y = softmax(u)."""
   cfg = tiny_config(tie_embeddings=tied, n_layers=1)
-  params = ref.random_params(param_shapes(cfg))
+  params = ref.random_params(abstract_params(cfg))
   assert ("lm_head" in params) == (not tied)
   tokens_BT = np.random.RandomState(2).randint(0, cfg.vocab_size, (B, T))
   logits, _, inter = jax.jit(model.apply, static_argnums=0, static_argnames="return_intermediates")(

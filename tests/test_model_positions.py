@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import model
+from model import abstract_params
 from model import positions as pos_lib
-from model.counting import param_shapes
 from tests import numpy_reference as ref
 from tests.conftest import tiny_config
 
@@ -67,7 +67,7 @@ def test_rope_model_logits_are_shift_invariant():
   positions = np.broadcast_to(np.arange(9), (2, 9))
   for cfg, invariant in [(tiny_config(position="rope", n_kv_heads=2), True),
                          (tiny_config(), False)]:
-    params = ref.random_params(param_shapes(cfg))
+    params = ref.random_params(abstract_params(cfg))
     change = np.abs(np.asarray(_apply(cfg, params, tokens, positions_BT=positions)[0] -
                                _apply(cfg, params, tokens, positions_BT=positions + 23)[0])).max()
     assert (change < 1e-4) if invariant else (change > 1e-2)
@@ -95,7 +95,7 @@ def test_packed_documents_equal_documents_run_alone(cfg):
   seg = np.zeros((2, 12), np.int32)
   for i, (row, start, end) in enumerate(DOCS):
     seg[row, start:end] = i + 1
-  params = ref.random_params(param_shapes(cfg), seed=4)
+  params = ref.random_params(abstract_params(cfg), seed=4)
   packed = np.asarray(_apply(cfg, params, tokens, segment_ids_BT=seg)[0])
   # Each document alone in its own row from position 0 (right-padded: causal attention
   # keeps the padding out of the real tokens' logits).
@@ -112,7 +112,7 @@ def test_packed_documents_equal_documents_run_alone(cfg):
 
 def test_learned_positions_beyond_the_table_raise():
   cfg = tiny_config(max_seq_len=8)
-  params = ref.random_params(param_shapes(cfg))
+  params = ref.random_params(abstract_params(cfg))
   with pytest.raises(ValueError, match="max_seq_len"):
     model.apply(cfg, params, np.zeros((1, 9), np.int32))
   with pytest.raises(ValueError, match="max_seq_len"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import model
-from model.counting import param_shapes
+from model import abstract_params
 from tests import numpy_reference as ref
 from tests.conftest import tiny_config
 
@@ -38,7 +38,7 @@ _apply = jax.jit(model.apply, static_argnums=0, static_argnames="return_intermed
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_forward_matches_numpy_reference(name):
   cfg = CONFIGS[name]
-  params = ref.random_params(param_shapes(cfg), seed=1)
+  params = ref.random_params(abstract_params(cfg), seed=1)
   logits, _, inter = _apply(cfg, params, TOKENS_BT, return_intermediates=True)
   expected, alphas = ref.forward(cfg, ref.convert_params(cfg, params), TOKENS_BT,
                                  return_alphas=True)

@@ -6,8 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import model
-from model import sharding
-from model.counting import param_shapes
+from model import abstract_params, sharding
 from tests import numpy_reference as ref
 from tests.conftest import tiny_config
 
@@ -26,7 +25,7 @@ def _leaves_with_paths(tree):
                          ids=["scanned-fused", "unrolled", "separate"])
 def test_every_param_dimension_has_a_logical_name(cfg):
   axes = model.logical_axes(cfg)
-  shapes = param_shapes(cfg)
+  shapes = abstract_params(cfg)
   assert jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, P)) == jax.tree.structure(shapes)
   for (path, spec), shape in zip(_leaves_with_paths(axes), jax.tree.leaves(shapes), strict=True):
     assert len(spec) == len(shape.shape), path
@@ -63,7 +62,7 @@ def test_param_shardings_follow_the_rules_table(cfg):
   mesh = sharding.make_mesh((2, 2, 2))
   shardings = sharding.param_shardings(cfg, mesh)
   axes = model.logical_axes(cfg)
-  shapes = param_shapes(cfg)
+  shapes = abstract_params(cfg)
   for (path, spec), shape, sh in zip(_leaves_with_paths(axes), jax.tree.leaves(shapes),
                                      jax.tree.leaves(shardings), strict=True):
     assert sh.mesh == mesh
@@ -92,7 +91,7 @@ def test_concrete_shardings_on_a_2x2x2_mesh():
 
 def test_sharded_forward_equals_single_device():
   cfg = FULL_CFG
-  params = ref.random_params(param_shapes(cfg))
+  params = ref.random_params(abstract_params(cfg))
   tokens_BT = np.random.RandomState(0).randint(0, cfg.vocab_size, (4, 8))
   apply = jax.jit(model.apply, static_argnums=0)
   expected = np.asarray(apply(cfg, params, tokens_BT)[0])

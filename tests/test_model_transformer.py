@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import model
-from model.counting import param_shapes
+from model import abstract_params
 from tests import numpy_reference as ref
 from tests.conftest import tiny_config
 
@@ -32,7 +32,7 @@ _grad = jax.jit(jax.grad(_loss, argnums=1), static_argnums=0)
 
 @pytest.fixture(scope="module")
 def base_params():
-  return ref.random_params(param_shapes(BASE), seed=1)
+  return ref.random_params(abstract_params(BASE), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def _assert_trees_close(actual, expected, atol):
 def test_scan_equals_unrolled(base_params):
   unrolled_cfg = BASE.replace(scan_layers=False)
   unrolled = model.unstack_layers(base_params, BASE.n_layers)
-  assert jax.tree.structure(unrolled) == jax.tree.structure(param_shapes(unrolled_cfg))
+  assert jax.tree.structure(unrolled) == jax.tree.structure(abstract_params(unrolled_cfg))
   _assert_trees_close(model.stack_layers(unrolled, BASE.n_layers), base_params, atol=0)
   np.testing.assert_allclose(_apply(unrolled_cfg, unrolled, TOKENS)[0],
                              _apply(BASE, base_params, TOKENS)[0], atol=1e-6)
@@ -85,7 +85,7 @@ DROPOUT = tiny_config(dropout_rate=0.1, attn_dropout_rate=0.1)
 
 
 def test_dropout_only_when_not_deterministic():
-  params = ref.random_params(param_shapes(DROPOUT))
+  params = ref.random_params(abstract_params(DROPOUT))
   plain = np.asarray(_apply(DROPOUT.replace(dropout_rate=0.0, attn_dropout_rate=0.0), params,
                             TOKENS)[0])
   np.testing.assert_array_equal(_apply(DROPOUT, params, TOKENS)[0], plain)
@@ -116,7 +116,7 @@ def test_dropout_only_when_not_deterministic():
 # ---- dtypes ------------------------------------------------------------------------------------
 def test_bfloat16_compute_stays_close_to_float32():
   cfg = tiny_config(dtype="bfloat16", position="rope", ffn="swiglu", norm="rmsnorm")
-  params = ref.random_params(param_shapes(cfg), scale=0.1)
+  params = ref.random_params(abstract_params(cfg), scale=0.1)
   logits16, _, inter = _apply(cfg, params, TOKENS, return_intermediates=True)
   logits32 = _apply(cfg.replace(dtype="float32"), params, TOKENS)[0]
   assert logits16.dtype == jnp.float32
@@ -124,7 +124,7 @@ def test_bfloat16_compute_stays_close_to_float32():
   scale = np.abs(np.asarray(logits32)).max()
   assert np.abs(np.asarray(logits16) - np.asarray(logits32)).max() < 0.03 * scale
   assert np.abs(np.asarray(logits16) - np.asarray(logits32)).max() > 0  # and not float32
-  shapes = param_shapes(cfg.replace(param_dtype="bfloat16"))
+  shapes = abstract_params(cfg.replace(param_dtype="bfloat16"))
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(shapes))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
 
@@ -134,7 +134,7 @@ def test_init_shapes_and_statistics():
   cfg = tiny_config(d_model=64, init_std=0.05)
   params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.PRNGKey(0))
   assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(
-      lambda x: (x.shape, x.dtype), param_shapes(cfg))
+      lambda x: (x.shape, x.dtype), abstract_params(cfg))
   assert model.count_params(cfg).total == sum(x.size for x in jax.tree.leaves(params))
   layers = params["layers"]
   assert np.asarray(layers["attn"]["q"]["kernel"]).std() == pytest.approx(0.05, rel=0.1)

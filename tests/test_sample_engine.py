@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import model
+from model import lora as lora_lib
 from sample import engine
 from sample.strategies import Greedy, Sampling, Temperature, TopK
 from tests.conftest import tiny_config
@@ -198,13 +199,15 @@ def test_stream_chunks_concatenate_to_generate(tiny):
   assert joined == whole
 
 
-def test_lora_adapters_change_and_drive_the_decode():
+def test_merged_lora_adapters_decode_as_the_adapted_model():
+  """The sampler has no LoRA mode: adapters are merged into the weights once, at load."""
   cfg = tiny_config(init_std=0.5, lora_rank=2, lora_targets=("q", "v", "up"))
   params = init(cfg, jax.random.PRNGKey(0))
   lora = jax.jit(model.init_lora, static_argnums=0)(cfg, jax.random.PRNGKey(1))
   lora = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.PRNGKey(2), x.shape),
                       lora)  # B = 0 at init would make the adapters a no-op
   expected = argmax_loop(cfg, params, PROMPTS, 8, lora)
-  assert engine.generate_ids(cfg, params, PROMPTS, 8, lora=lora) == expected
+  merged = lora_lib.merge(cfg, params, lora)
+  assert engine.generate_ids(lora_lib.without_lora(cfg), merged, PROMPTS, 8) == expected
   with_lora, without = (full_forward_logits(cfg, params, PROMPTS, a) for a in (lora, None))
   assert not np.allclose(with_lora[0], without[0], atol=1e-3)  # the adapters matter

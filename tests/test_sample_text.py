@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import model
+from model import lora as lora_lib
+from model import store
+from model.store import ByteTokenizer, save_params, write_config
 from sample.distribution import prompt_logits
 from sample.generator import Generator, _Detokenizer
-from train.tokenizer import ByteTokenizer
-from train.workdir import save_params, write_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = model.ModelConfig(vocab_size=259, d_model=32, n_layers=2, n_heads=4, max_seq_len=96,
@@ -128,13 +129,20 @@ def test_empty_prompt_starts_from_bos_when_the_tokenizer_prepends_it(gen):
   assert with_bos.encode("") == [ByteTokenizer.bos_id]
 
 
-def test_lora_adapters_are_restored_and_used(tmp_path):
+def test_lora_adapters_are_merged_at_load(tmp_path):
   cfg = CFG.replace(lora_rank=2, lora_targets=("q", "v"))
   path = make_workdir(tmp_path / "lora", cfg, lora=True)
   gen = Generator.from_workdir(path)
-  assert gen.lora is not None
-  base = Generator(gen.cfg.replace(lora_rank=0, lora_targets=()), gen.params, gen.tokenizer)
+  assert gen.cfg.lora_rank == 0  # a plain model: the adapters are in the weights
+  ckpt = store.restore(path, items=("params", "lora"))
+  params, adapters = ckpt.items["params"], ckpt.items["lora"]
+  tokens_1T = np.asarray([gen.encode("Hello")])
+  adapted, _ = model.apply(cfg, params, tokens_1T, lora=adapters)
+  np.testing.assert_allclose(gen.logits("Hello"), np.asarray(adapted)[0], atol=1e-4)
+  base = Generator(lora_lib.without_lora(cfg), params, gen.tokenizer)
   assert not np.allclose(gen.logits("Hello"), base.logits("Hello"), atol=1e-4)
+  with pytest.raises(ValueError, match="Generator takes a plain model"):
+    Generator(cfg, params, gen.tokenizer)
 
 
 def run_cli(*args):

@@ -10,13 +10,16 @@ short trainings), then inspected by the tests:
 import json
 import math
 import os
+import signal
 
 import pytest
 
+import train.run
 from experiments import scaling_fit, sweep
 from experiments.scaling import analysis, spec
 from experiments.scaling.results import RECORD_FIELDS, read_records, results_path
 from tests.test_scaling_fits import SMALL_GRID
+from train.checkpoints import Checkpointer
 
 SMOKE = "experiments/sweeps/smoke.py"
 
@@ -32,9 +35,6 @@ def _metrics(workdir, name):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-  import train.trainer
-  from train.checkpoints import Checkpointer
-
   workdir = str(tmp_path_factory.mktemp("sweep"))
   smoke_sweep = spec.load_sweep(SMOKE)
   first = smoke_sweep.runs[0].name
@@ -50,7 +50,7 @@ def smoke(tmp_path_factory):
       return wrote
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train.trainer, "Checkpointer", FaultAfterFirstCheckpoint)
+    mp.setattr(train.run, "Checkpointer", FaultAfterFirstCheckpoint)
     with pytest.raises(InjectedFault):
       sweep.run_sweep(smoke_sweep, workdir, sweep_path=SMOKE, command="first", log=lambda *_: None)
   after_fault = {"records": read_records(results_path(workdir)),
@@ -143,25 +143,19 @@ def test_an_edited_sweep_is_refused(smoke):
 
 
 def test_an_interrupted_run_stops_the_sweep_without_a_record(tmp_path, monkeypatch):
-  import train.trainer
-
   calls = []
 
   def interrupted(config, workdir):
     calls.append(workdir)
     return {"status": "interrupted by SIGTERM"}
 
-  monkeypatch.setattr(train.trainer, "train_and_evaluate", interrupted)
+  monkeypatch.setattr(sweep, "train_and_evaluate", interrupted)
   written = sweep.run_sweep(spec.load_sweep(SMOKE), str(tmp_path), log=lambda *_: None)
   assert written == [] and len(calls) == 1
   assert read_records(results_path(str(tmp_path))) == []
 
 
 def test_a_signal_between_runs_stops_the_sweep_after_the_current_run(tmp_path, monkeypatch):
-  import signal
-
-  import train.trainer
-
   calls = []
 
   def signalled_then_finished(config, workdir):
@@ -171,7 +165,7 @@ def test_a_signal_between_runs_stops_the_sweep_after_the_current_run(tmp_path, m
             "n_params_non_embedding": 100, "tokens_seen": 1000.0, "flops_per_token": 900.0,
             "val_loss": 2.0, "best_val_loss": 2.0, "val_bpb": 3.0, "total_wall_time_s": 1.0}
 
-  monkeypatch.setattr(train.trainer, "train_and_evaluate", signalled_then_finished)
+  monkeypatch.setattr(sweep, "train_and_evaluate", signalled_then_finished)
   written = sweep.run_sweep(spec.load_sweep(SMOKE), str(tmp_path), log=lambda *_: None)
   assert len(calls) == 1 and [r["name"] for r in written] == [spec.load_sweep(SMOKE).runs[0].name]
   assert len(read_records(results_path(str(tmp_path)))) == 1

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from train.config_lib import ConfigError, load_config
+from train.config_lib import ConfigError, from_command_line, load_config, model_config
 from train.metrics import read_metrics
 
 # One device; a cheaper XLA optimization level: these runs check behaviour, not numbers.
@@ -31,7 +31,9 @@ def test_unknown_keys_fail_before_anything_runs(tmp_path):
   assert "unknown config key 'optim.lrr' (did you mean optim.lr" in result.stderr
   assert not workdir.exists()  # nothing was read, trained or written
   with pytest.raises(ConfigError, match="unknown config key 'model.n_layer'.*n_layers"):
-    load_config("train/configs/tiny.py", ["--config.model.n_layer=3"])
+    from_command_line(["--config=train/configs/tiny.py", "--config.model.n_layer=3"])
+  with pytest.raises(ConfigError, match="unknown config key 'model.n_layer'.*n_layers"):
+    load_config("train/configs/tiny.py", {"model.n_layer": 3})
   with pytest.raises(ConfigError, match="model: ModelConfig.n_heads=3"):
     load_config("train/configs/tiny.py", {"model.n_heads": 3})  # 32 % 3: validated up front
   with pytest.raises(ConfigError, match="batch_size.*divisible by grad_accum_steps=3"):
@@ -39,17 +41,40 @@ def test_unknown_keys_fail_before_anything_runs(tmp_path):
 
 
 def test_overrides_are_typed_like_the_command_line():
-  config = load_config("train/configs/tiny.py", [
-      "--config.num_steps=7", "--config.optim.lr=1", "--config.data.document_masking=false",
-      "--config.mesh_shape=(2,2,2)", "--config.model.preset=nanogpt-baby",
+  config = from_command_line([
+      "--config=train/configs/tiny.py", "--config.num_steps=7", "--config.optim.lr=1",
+      "--config.data.document_masking=false", "--config.mesh_shape=(2,2,2)",
+      "--config.model.preset=nanogpt-baby",
       "--config.model.attention_pattern=('global','local')", "--config.model.window_size=8"])
   assert config.num_steps == 7 and config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
   assert config.data.document_masking is False and tuple(config.mesh_shape) == (2, 2, 2)
   assert config.model.attention_pattern == ("global", "local")
-  from train.config_lib import model_config
-
   cfg = model_config(config, vocab_size=259)
   assert (cfg.n_layers, cfg.d_model, cfg.vocab_size, cfg.window_size) == (2, 32, 259, 8)
+
+
+def test_help_prints_usage_and_the_configs():
+  result = subprocess.run([sys.executable, "-m", "train", "--help"], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "--config.a.b=value" in result.stdout and "Exit status" in result.stdout
+  for name, doc in (("tiny.py", "A seconds-long run"), ("lora.py", "LoRA fine-tuning")):
+    assert f"train/configs/{name}" in result.stdout and doc in result.stdout
+
+
+def test_the_config_file_runs_once(tmp_path):
+  calls = tmp_path / "calls"
+  config_file = tmp_path / "counted.py"
+  config_file.write_text(
+      "from train.configs import tiny\n\n"
+      "def get_config():\n"
+      f"  with open({str(calls)!r}, 'a') as f:\n"
+      "    f.write('x')\n"
+      "  return tiny.get_config()\n")
+  config = from_command_line([f"--config={config_file}", "--config.num_steps=3",
+                              "--config.model.n_layers=1"])
+  assert (config.num_steps, config.model.n_layers) == (3, 1)
+  assert calls.read_text() == "x"
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import workdir as workdir_lib
+from model import store
 from train.checkpoints import Checkpointer
 from train.config_lib import load_config
 from train.metrics import read_metrics
@@ -73,13 +73,13 @@ def test_run_outputs_follow_the_contract(straight):
   assert evaluation["val_bpb"] == pytest.approx(
       evaluation["val_loss"] * evaluation["val_tokens"] / evaluation["val_bytes"] / np.log(2))
   assert read_metrics(workdir, "summary")[0]["val_loss"] == summary["val_loss"]
-  config = workdir_lib.read_config(workdir)
+  config = store.read_config(workdir)
   assert set(config) >= {"model", "tokenizer", "train"}
   assert config["tokenizer"] == {"kind": "byte"} and config["train"]["num_steps"] == 2 * N
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
-  assert workdir_lib.latest_step(workdir) == 2 * N
-  cfg, params, _, step = workdir_lib.restore_params(workdir)  # what sample/ reads
-  assert step == 2 * N and cfg.vocab_size == 259 and "layers" in params
+  assert store.latest_step(workdir) == 2 * N
+  loaded = store.load_params(workdir)  # what sample/ reads
+  assert loaded.step == 2 * N and loaded.cfg.vocab_size == 259 and "layers" in loaded.params
 
 
 def test_resume_on_another_mesh_equals_the_straight_run(straight, tmp_path):
@@ -93,8 +93,7 @@ def test_resume_on_another_mesh_equals_the_straight_run(straight, tmp_path):
   np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=2e-5)
   assert again["val_loss"] == pytest.approx(summary["val_loss"], rel=2e-5)
   assert again["tokens_seen"] == summary["tokens_seen"]
-  _, params_a, _, _ = workdir_lib.restore_params(workdir)
-  _, params_b, _, _ = workdir_lib.restore_params(resumed)
+  params_a, params_b = store.load_params(workdir).params, store.load_params(resumed).params
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5),
                params_a, params_b)
 
@@ -107,9 +106,8 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(straight, tmp_path)
                          "optim.warmup_steps": 0})
   with pytest.raises(TrainingDiverged, match=f"non-finite.*last good checkpoint is step {N}"):
     train_and_evaluate(config, diverging)
-  assert workdir_lib.latest_step(diverging) == N
-  _, good, _, _ = workdir_lib.restore_params(workdir, step=N)
-  _, kept, _, _ = workdir_lib.restore_params(diverging)
+  assert store.latest_step(diverging) == N
+  good, kept = store.load_params(workdir, step=N).params, store.load_params(diverging).params
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                good, kept)
 
@@ -126,7 +124,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
   ckpt.close()
   # A save killed from outside leaves a temporary directory like this one behind.
   os.makedirs(tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234" / "params")
-  assert workdir_lib.latest_step(str(tmp_path)) == 1
+  assert store.latest_step(str(tmp_path)) == 1
   again = Checkpointer(str(tmp_path), keep=1, async_save=False)
   abstract = jax.eval_shape(lambda: state(0))
   shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from model.sharding import make_mesh
 from tests.conftest import tiny_config
 from train import state as state_lib
 from train.config_lib import load_config
 from train.optimizer import make_optimizer, make_schedule
 from train.packing import PackedWindows
-from train.steps import make_train_step, token_losses
+from train.steps import make_train_step
+from train.tasks import Pretrain, cross_entropy
 
 CFG = tiny_config(vocab_size=64, d_model=32, n_heads=4, max_seq_len=16)
 STEPS, ROWS, T = 3, 8, 16
@@ -38,12 +40,13 @@ def batches(accum=1):
 
 def run(mesh_shape, accum=1, optim=None, cfg=CFG):
   devices = jax.devices()[:int(np.prod(mesh_shape))]
-  mesh = state_lib.make_run_mesh(mesh_shape, devices)
+  mesh = make_mesh(mesh_shape, devices)
   optim = optim or optim_config()
   tx, schedule = make_optimizer(optim, 100), make_schedule(optim, 100)
-  state, shardings = state_lib.create_state(cfg, tx, mesh, jax.random.PRNGKey(0))
-  step = make_train_step(cfg, tx, schedule, document_masking=True, mesh=mesh,
-                         shardings=shardings)
+  task = Pretrain(cfg)
+  _, shardings = state_lib.state_shardings(task, tx, mesh)
+  state = state_lib.create_state(task, tx, mesh, jax.random.PRNGKey(0), shardings)
+  step = make_train_step(task, tx, schedule, mesh=mesh, shardings=shardings)
   losses = []
   for batch in batches(accum):
     state, metrics = step(state, state_lib.put_batch(batch, mesh, ROWS // accum))
@@ -134,7 +137,7 @@ def test_non_finite_step_leaves_the_state_unchanged(single):
 
 def test_packed_documents_do_not_see_each_other(single):
   params = single[0].params
-  losses_fn = jax.jit(lambda p, b, masking: token_losses(CFG, p, b, document_masking=masking),
+  losses_fn = jax.jit(lambda p, b, masking: cross_entropy(CFG, p, b, document_masking=masking),
                       static_argnums=2)
   a, b = np.arange(5, 12, dtype=np.int32), np.arange(20, 29, dtype=np.int32)
   both = PackedWindows.from_documents([a, b], seq_len=T, eot_id=1, pad_id=0)[0]

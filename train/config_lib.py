@@ -1,12 +1,15 @@
-"""Run configs: load a config file, apply `a.b=value` overrides, build the ModelConfig.
+"""Run configs: a config file and its overrides -> one validated ConfigDict -> a ModelConfig.
 
-  config = load_config("train/configs/default.py", ["--config.model.n_layers=2"])
+  config = from_command_line(["--config=train/configs/default.py", "--config.num_steps=10"])
   config = load_config("train/configs/tiny.py", {"num_steps": 10, "optim.lr": 1e-3})
   model_cfg = model_config(config, vocab_size=tokenizer.vocab_size)
 
-The same rules as the command line (`python -m train --config=... --config.a.b=value`):
-an override names an existing key (a typo fails with the closest known keys,
-before anything compiles) and a string value is parsed into the key's type.
+A config file is loaded once, by `ml_collections.config_flags` (which also parses
+`--config.a.b=value` overrides into each key's type: the command line's syntax,
+`--config.model.lora_targets="('q','v')"` for a tuple). Typed overrides from
+Python (sweeps, tests) are set with ml_collections' own `config_path`. Either
+way an unknown key fails with the closest known keys before anything compiles,
+and the config is validated once.
 
 `config.model` holds `preset` (a name from model.PRESETS or None for the
 ModelConfig defaults) and one entry per ModelConfig field, each a typed
@@ -16,19 +19,22 @@ from the tokenizer.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import importlib.util
+import glob
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
-from ml_collections import config_dict
+from absl import flags
+from ml_collections import config_dict, config_flags
+from ml_collections.config_flags import config_path
 
 from model.config import LORA_TARGETS, ModelConfig
 from model.presets import PRESETS, get_preset
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 class ConfigError(ValueError):
@@ -92,26 +98,6 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
 
 
 # ---- loading and overriding --------------------------------------------------------------------
-def import_file(path: str, prefix: str):
-  """The Python file at `path` run as a fresh module (config and sweep files are not packages)."""
-  spec = importlib.util.spec_from_file_location(f"{prefix}{abs(hash(os.path.abspath(path)))}",
-                                                path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def _load_module_config(path: str) -> ml_collections.ConfigDict:
-  """`path` or `path:arg` (the config_flags convention): get_config() or get_config(arg)."""
-  file_path, _, arg = path.partition(":")
-  if not os.path.isfile(file_path):
-    raise ConfigError(f"config file not found: {file_path!r} (try train/configs/default.py)")
-  module = import_file(file_path, "_train_config_")
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"config file {file_path!r} defines no get_config()")
-  return module.get_config(arg) if arg else module.get_config()
-
-
 def _unknown_message(section: str, unknown: Iterable[str], known: Iterable[str]) -> str:
   known = list(known)
   parts = []
@@ -127,7 +113,7 @@ def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   """Every leaf key as a dotted path ('optim.lr', 'model.n_layers', ...)."""
   keys = []
   for key in config.keys():
-    value = config[key] if not isinstance(config, dict) else config.get(key)
+    value = config[key]
     path = f"{prefix}{key}"
     if isinstance(value, ml_collections.ConfigDict):
       keys.extend(all_keys(value, path + "."))
@@ -136,105 +122,132 @@ def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   return keys
 
 
-def _lookup_parent(config: ml_collections.ConfigDict, dotted: str):
-  *parents, leaf = dotted.split(".")
+def _unknown_key(config: ml_collections.ConfigDict, dotted: str) -> str | None:
+  """A message if `dotted` names no key of `config`, else None."""
   node = config
-  for i, part in enumerate(parents):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise ConfigError(_unknown_message(".".join(parents[:i]), [part],
-                                         node.keys() if hasattr(node, "keys") else []))
-    node = node[part]
-  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-    section = ".".join(parents)
+  parts = dotted.split(".")
+  for i, part in enumerate(parts):
+    if isinstance(node, ml_collections.ConfigDict) and part in node:
+      node = node[part]
+      continue
+    section = ".".join(parts[:i])
+    keys = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
     close = difflib.get_close_matches(dotted, all_keys(config), n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise ConfigError(f"unknown config key {dotted!r}{hint}; keys of config"
-                      f"{'.' + section if section else ''}: "
-                      f"{', '.join(sorted(node.keys()) if hasattr(node, 'keys') else [])}")
-  return node, leaf
+    return (f"unknown config key {dotted!r}{hint}; keys of config"
+            f"{'.' + section if section else ''}: {', '.join(keys)}")
+  return None
 
 
-def parse_value(text: str, target_type: type | None) -> Any:
-  """A command-line string as `target_type` (bool/int/float/str/tuple), like config_flags."""
-  if target_type is bool:
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes"):
-      return True
-    if lowered in ("false", "0", "no"):
-      return False
-    raise ConfigError(f"expected a boolean (true/false), got {text!r}")
-  if target_type is str:
-    return text
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    if target_type in (None, type(None)):
-      return text
-    if target_type in (tuple, list):
-      return tuple(s.strip() for s in text.split(",") if s.strip())
-    raise ConfigError(f"cannot parse {text!r} as {target_type.__name__}") from None
-  if target_type in (tuple, list) and isinstance(value, (str, int, float)):
-    value = (value,)
-  if target_type is float and isinstance(value, int):
-    value = float(value)
-  if target_type in (tuple, list) and isinstance(value, list):
-    value = tuple(value)
-  return value
+def set_values(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
+  """config.<key> = value for each dotted key (typed values; the key must exist)."""
+  for key, value in overrides.items():
+    problem = _unknown_key(config, key)
+    if problem:
+      raise ConfigError(problem)
+    if isinstance(value, list):
+      value = tuple(value)
+    try:
+      config_path.set_value(key, config, value)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+      raise ConfigError(f"config.{key}={value!r}: {e}") from None
 
 
-def _key_type(node: ml_collections.ConfigDict, leaf: str) -> type | None:
-  try:
-    t = node.get_type(leaf)
-  except (AttributeError, KeyError):
-    return None
-  return None if t is type(None) else t
-
-
-def set_override(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-  """config.<dotted> = value; the key must exist; a string is parsed into the key's type."""
-  node, leaf = _lookup_parent(config, dotted)
-  target = _key_type(node, leaf)
-  if isinstance(value, str) and target is not str:
-    value = parse_value(value, target)
-  if isinstance(value, list):
-    value = tuple(value)
-  try:
-    node[leaf] = value
-  except TypeError as e:
-    raise ConfigError(f"config.{dotted}: {e}") from e
-
-
-def parse_override_args(args: Iterable[str], flag_name: str = "config") -> dict[str, str]:
-  """['--config.a.b=1', 'c=x'] -> {'a.b': '1', 'c': 'x'} (other flags are ignored)."""
-  out = {}
-  prefix = f"--{flag_name}."
+def _override_keys(args: Sequence[str]) -> list[str]:
+  keys = []
   for arg in args:
-    if arg.startswith(prefix):
-      arg = arg[len(prefix):]
-    elif arg.startswith("--"):
-      continue
-    if "=" not in arg:
-      raise ConfigError(f"override {arg!r} must look like key=value (e.g. --config.num_steps=100)")
-    key, value = arg.split("=", 1)
-    out[key] = value
-  return out
+    name = arg.lstrip("-").split("=", 1)[0]
+    if name.startswith("config."):
+      keys.append(name[len("config."):])
+  return keys
 
 
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Mapping[str, Any] | Iterable[str] = ()) -> ml_collections.ConfigDict:
-  items = overrides if isinstance(overrides, Mapping) else parse_override_args(overrides)
-  for key, value in items.items():
-    set_override(config, key, value)
-  return config
+def _parse(args: Sequence[str]) -> ml_collections.ConfigDict:
+  """`--config=FILE[:arg]` plus `--config.key=value` arguments through config_flags."""
+  argv = ["train", *args]
+  paths = [a.split("=", 1)[1].partition(":")[0] for a in args if a.startswith("--config=")]
+  if paths and not os.path.isfile(paths[-1]):
+    raise ConfigError(f"config file not found: {paths[-1]!r} (configs: "
+                      f"{', '.join(available_configs())})")
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, "a run config file",
+                                           flag_values=values, lock_config=True, sys_argv=argv)
+  try:
+    values(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    raise ConfigError(_explain(e, args)) from None
+  except Exception as e:  # the config file's own code failed (a syntax error, an import)
+    raise ConfigError(f"config file {paths[-1] if paths else ''!r} failed to load: "
+                      f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+  if holder.value is None:
+    raise ConfigError("--config is required, e.g. --config=train/configs/default.py "
+                      f"(configs: {', '.join(available_configs())})")
+  if not isinstance(holder.value, ml_collections.ConfigDict):  # config_flags' stand-in
+    raise ConfigError(f"config file {paths[-1]!r} did not load: it must define get_config() "
+                      "returning an ml_collections.ConfigDict")
+  return holder.value
 
 
-def load_config(path: str, overrides: Mapping[str, Any] | Iterable[str] = ()
-                ) -> ml_collections.ConfigDict:
-  """The config of `path` (`file.py` or `file.py:arg`) with overrides applied and checked."""
-  config = _load_module_config(path)
-  apply_overrides(config, overrides)
+def _explain(error: Exception, args: Sequence[str]) -> str:
+  """A one-line message for a config_flags error: the unknown key with its neighbours, the
+  missing file with the configs that exist, or config_flags' own words."""
+  keys = _override_keys(args)
+  if keys and isinstance(error, (AttributeError, KeyError, flags.Error)):
+    base = _parse([a for a in args if a.startswith("--config=")])
+    for key in keys:
+      problem = _unknown_key(base, key)
+      if problem:
+        return problem
+  return " ".join(str(error).split())
+
+
+def from_command_line(args: Sequence[str]) -> ml_collections.ConfigDict:
+  """The validated config of `--config=FILE` and its `--config.key=value` overrides."""
+  config = _parse(args)
   validate(config)
   return config
+
+
+def load_config(path: str, overrides: Mapping[str, Any] | None = None
+                ) -> ml_collections.ConfigDict:
+  """The validated config of `path` (`file.py` or `file.py:arg`) with typed overrides."""
+  config = _parse([f"--config={path}"])
+  set_values(config, overrides or {})
+  validate(config)
+  return config
+
+
+def available_configs() -> list[str]:
+  """The config files that ship with the project (train/configs/*.py), as paths from here."""
+  return sorted(os.path.relpath(p) for p in glob.glob(os.path.join(CONFIGS_DIR, "*.py"))
+                if not p.endswith("__init__.py"))
+
+
+def describe(config: ml_collections.ConfigDict, width: int = 100) -> str:
+  """The resolved config in a few lines: `key=value` per set leaf, wrapped, by section."""
+  flat = config_dict.ConfigDict(config).to_dict()
+  lines = []
+
+  def walk(node, prefix):
+    leaves, sections = [], []
+    for key, value in node.items():
+      if isinstance(value, dict):
+        sections.append((key, value))
+      elif value is not None and value != "":
+        leaves.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
+    if leaves:
+      line = f"  {prefix or 'run'}:"
+      for item in leaves:
+        if len(line) + 1 + len(item) > width:
+          lines.append(line)
+          line = " " * (len(prefix or "run") + 3)
+        line += " " + item
+      lines.append(line)
+    for key, value in sections:
+      walk(value, f"{prefix}.{key}" if prefix else key)
+
+  walk(flat, "")
+  return "\n".join(lines)
 
 
 # ---- validation --------------------------------------------------------------------------------
@@ -268,7 +281,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(0.0 < config.optim.decay_fraction <= 1.0, "optim.decay_fraction", "must be in (0, 1]")
   need(not config.sample_tokens or config.sample_prompt, "sample_prompt",
        "must be non-empty when sample_tokens > 0")
-  need(config.data.seq_len > 0, "data.seq_len", "must be positive")
   need(0.0 < config.data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
   need(config.eval_batches >= 0, "eval_batches", "must be >= 0 (0: the whole validation split)")
   rank = config.model.lora_rank or 0
@@ -278,10 +290,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "--config.init_from=runs/BASE (a workdir trained here or imported with "
          "`python -m model.hf import`)")
     need(rank > 0, "model.lora_rank", "must be > 0: a run with init_from trains LoRA adapters")
+    need(config.data.seq_len is None or config.data.seq_len > 0, "data.seq_len",
+         "must be positive (or unset: the base run's)")
     for target in config.model.lora_targets or ():
+      hint = (" (a tuple on the command line: --config.model.lora_targets=\"('q','v')\")"
+              if "," in target else "")
       need(target in LORA_TARGETS, "model.lora_targets",
-           f"unknown projection {target!r}; known: {LORA_TARGETS}")
+           f"unknown projection {target!r}; known: {LORA_TARGETS}{hint}")
     return  # the model is the base's, checked against it when the run starts
+  need(isinstance(config.data.seq_len, int) and config.data.seq_len > 0, "data.seq_len",
+       "must be a positive integer")
   cfg = model_config(config, vocab_size=config.model.vocab_size or 256)
   need(cfg.position != "learned" or config.data.seq_len <= cfg.max_seq_len, "data.seq_len",
        f"exceeds model.max_seq_len={cfg.max_seq_len} of the learned position table")

@@ -24,18 +24,18 @@ import jax
 import ml_collections
 import numpy as np
 
+from model import store
 from train import corpus as corpus_lib
 from train import tokenizer as tok_lib
 from train.packing import PackedWindows
 from train.token_cache import TokenCache, file_digest, make_key
-from train.workdir import config_path, read_config
 
 TOKENIZER_FILE = "tokenizer.model"
 
 
 @dataclasses.dataclass
 class PreparedData:
-  tokenizer: tok_lib.Tokenizer
+  tokenizer: store.Tokenizer
   train: PackedWindows
   val: PackedWindows
   byte_lengths: np.ndarray   # [V] bytes per token id (for bits per byte)
@@ -49,43 +49,35 @@ def _tokenizer_settings(tcfg: ml_collections.ConfigDict) -> dict:
 
 
 def load_or_train_tokenizer(tcfg: ml_collections.ConfigDict, workdir: str, train_docs,
-                            corpus_key: str, cache: TokenCache) -> tok_lib.Tokenizer:
+                            corpus_key: str, cache: TokenCache) -> store.Tokenizer:
   """The workdir's tokenizer if it has one (resume), else the cached or a freshly trained one."""
-  if os.path.exists(config_path(workdir)):
-    spec = read_config(workdir).get("tokenizer")
-    if spec:
-      return tok_lib.tokenizer_from_spec(spec, workdir)
+  if store.has_config(workdir):
+    return store.load_tokenizer(workdir)
   if tcfg.kind == "byte":
-    return tok_lib.ByteTokenizer()
+    return store.ByteTokenizer()
   target = os.path.join(workdir, TOKENIZER_FILE)
   key = make_key("tokenizer", corpus_key, _tokenizer_settings(tcfg))
   cached = cache.tokenizer_path(key)
   if not os.path.exists(cached):
     t0 = time.time()
     trained = tok_lib.train_sentencepiece(
-        [d.text for d in train_docs], target + ".train", model_type=tcfg.model_type,
+        [d.text for d in train_docs], cached, model_type=tcfg.model_type,
         vocab_size=tcfg.vocab_size, byte_fallback=tcfg.byte_fallback,
         character_coverage=tcfg.character_coverage, max_chars=tcfg.max_train_chars)
-    cache.put_tokenizer(key, trained.path)
-    os.remove(trained.path)
     logging.info("trained a %s tokenizer (%d pieces) in %.1fs", tcfg.model_type,
                  trained.vocab_size, time.time() - t0)
-  os.makedirs(workdir, exist_ok=True)
-  tmp = target + f".{os.getpid()}.tmp"
-  with open(cached, "rb") as src, open(tmp, "wb") as dst:
-    dst.write(src.read())
-  os.replace(tmp, target)
-  return tok_lib.SentencePieceTokenizer(target)
+  store.copy_file(cached, target)
+  return store.SentencePieceTokenizer(target)
 
 
-def _tokenizer_identity(tokenizer: tok_lib.Tokenizer) -> str:
+def _tokenizer_identity(tokenizer: store.Tokenizer) -> str:
   path = getattr(tokenizer, "path", None)
   return file_digest(path) if path else repr(tokenizer.spec())
 
 
-def _encode_all(tokenizer: tok_lib.Tokenizer, docs) -> list[np.ndarray]:
+def _encode_all(tokenizer: store.Tokenizer, docs) -> list[np.ndarray]:
   texts = [d.text for d in docs]
-  if isinstance(tokenizer, tok_lib.SentencePieceTokenizer):
+  if isinstance(tokenizer, store.SentencePieceTokenizer):
     ids = tokenizer.sp.encode(texts, num_threads=os.cpu_count() or 1)
   else:
     ids = [tokenizer.encode(t) for t in texts]
@@ -93,7 +85,7 @@ def _encode_all(tokenizer: tok_lib.Tokenizer, docs) -> list[np.ndarray]:
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str,
-                 tokenizer: tok_lib.Tokenizer | None = None) -> PreparedData:
+                 tokenizer: store.Tokenizer | None = None) -> PreparedData:
   """Read, split, tokenize (or load from the cache) and pack the corpus of config.data.
 
   `tokenizer` (a fine-tune's base tokenizer) replaces the workdir's or a trained one.
@@ -152,8 +144,8 @@ def train_dataset(source: PackedWindows, *, batch_size: int, accum: int, seed: i
   micro = batch_size // accum
   rows = _local_rows(micro, pi, pc)
 
-  def fetch(indices_N):
-    return source.windows(indices_N.reshape(accum, micro)[:, rows])
+  def fetch(flat_indices):  # [A * micro] window indices of one step
+    return source.windows(flat_indices.reshape(accum, micro)[:, rows])
 
   return (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
           .batch(batch_size, drop_remainder=True).map(fetch))

@@ -2,63 +2,60 @@
 
   python -m train --config=train/configs/lora.py --config.init_from=runs/BASE --workdir=runs/NAME
   base = load_base(config, workdir, mesh)  # adapted cfg, frozen params on the mesh, tokenizer
+  task = LoraFinetune(base.cfg, base.params)                    (train/tasks.py)
 
 The base is a workdir trained here or imported (`python -m model.hf import`).
 The run keeps its architecture, weights and tokenizer and trains LoRA adapters
-only (model/lora.py): the train state's params are the adapters, the optimizer
-state covers them alone, and the base params are a frozen (undonated, no
-gradient) argument of the jitted steps. Checkpoints hold the base as 'params'
-and the adapters as 'lora', so `python -m sample`, `python -m
-experiments.interpret` and `python -m model.hf export` read a LoRA run like
-any workdir.
+only: the train state's params are the adapters, the optimizer state covers
+them alone, and the base params are a frozen argument of the jitted steps.
+Checkpoints hold the base as 'params' and the adapters as 'lora', so `python -m
+sample`, `python -m experiments.interpret` and `python -m model.hf export` read a
+LoRA run like any workdir (model.store.load_params merges the adapters).
 
 A fresh run reads the base from `init_from` (its latest checkpoint; a base that
 is itself a LoRA run has its adapters merged first). A resumed run reads the
 base from its own checkpoint, so it does not depend on `init_from` staying as
-it was.
+it was. The run's sequence length is the base run's (its config.json 'train'
+section) unless config.data.seq_len sets one; an imported base, which has no
+training run, gets min(256, max_seq_len).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from typing import Any
 
 import jax
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from model import lora as lora_lib
-from model.config import LORA_TARGETS, ModelConfig
-from model.counting import param_shapes
-from model.sharding import param_shardings
-from train import workdir as workdir_lib
+import model
+from model import store
+from model.config import LORA_TARGETS, RUNTIME_FIELDS, ModelConfig
+from model.lora import LORA_FIELDS, without_lora
 from train.config_lib import ConfigError
-from train.tokenizer import Tokenizer
 
 # The default targets when config.model.lora_targets is unset: the attention projections the
 # base has (q, k, v, o; qkv, o when they are fused).
 ATTENTION_TARGETS = ("qkv", "q", "k", "v", "o")
-# Model fields a LoRA run may set besides the LoRA ones: they change how the model runs, not
-# its weights. (scan_layers is not one of them: it changes the layout of the params tree.)
-RUNTIME_FIELDS = ("attention_impl", "attn_chunk_size", "dropout_rate", "attn_dropout_rate",
-                  "remat", "dtype")
+IMPORTED_SEQ_LEN = 256  # an imported base's default sequence length (capped by max_seq_len)
 
 
 @dataclasses.dataclass
 class Base:
-  cfg: ModelConfig        # the base's config plus the LoRA fields: what the run trains
-  params: Any             # the frozen base params, sharded on the mesh
-  tokenizer: Tokenizer    # the base's (never retrained)
-  workdir: str            # init_from, absolute
-  step: int               # the base checkpoint's step
-  sections: dict          # extra config.json sections: 'init_from' and the base's 'source'
+  cfg: ModelConfig          # the base's config plus the LoRA fields: what the run trains
+  params: Any               # the frozen base params, sharded on the mesh
+  tokenizer: store.Tokenizer  # the base's (never retrained)
+  workdir: str              # init_from, absolute
+  step: int                 # the base checkpoint's step
+  seq_len: int              # the base run's training sequence length (or the imported default)
+  sections: dict            # extra config.json sections: 'init_from' and the base's 'source'
 
 
 def projections(cfg: ModelConfig) -> tuple[str, ...]:
   """The projections of cfg's layers that LoRA can adapt (names of modules holding a kernel)."""
-  names = {path[-2] for path in traverse_util.flatten_dict(param_shapes(cfg))
+  names = {path[-2] for path in traverse_util.flatten_dict(model.abstract_params(cfg))
            if len(path) >= 2 and path[-1] == "kernel"}
   return tuple(t for t in LORA_TARGETS if t in names)
 
@@ -74,10 +71,10 @@ def adapted_config(base_cfg: ModelConfig, model_section, where: str) -> ModelCon
   if preset is not None:
     raise ConfigError(f"config.model.preset={preset!r}: a LoRA run keeps the architecture of "
                       f"its base ({where}); leave the preset unset")
-  base = base_cfg.replace(lora_rank=0, lora_targets=())
+  base = without_lora(base_cfg)
   ours = base.to_dict()
   changed = sorted(k for k, v in section.items()
-                   if v is not None and k not in lora_lib.LORA_FIELDS + RUNTIME_FIELDS
+                   if v is not None and k not in LORA_FIELDS + RUNTIME_FIELDS
                    and (list(v) if isinstance(v, tuple) else v) != ours[k])
   if changed:
     raise ConfigError(
@@ -105,15 +102,11 @@ def adapted_config(base_cfg: ModelConfig, model_section, where: str) -> ModelCon
     raise ConfigError(f"config.model: {e}") from e
 
 
-def _copy_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
-  """Put the base's tokenizer file (if it has one) into the run's workdir for the sampler."""
-  path = getattr(tokenizer, "path", None)
-  target = os.path.join(workdir, os.path.basename(path)) if path else None
-  if path is None or os.path.abspath(path) == os.path.abspath(target):
-    return
-  tmp = f"{target}.{os.getpid()}.tmp"
-  shutil.copyfile(path, tmp)
-  os.replace(tmp, target)
+def _base_seq_len(saved: dict, cfg: ModelConfig) -> int:
+  """The sequence length the base was trained at (a LoRA base's own base's, recursively
+  recorded), or the imported default."""
+  trained = (saved.get("train") or {}).get("data", {}).get("seq_len")
+  return int(trained) if trained else min(IMPORTED_SEQ_LEN, cfg.max_seq_len)
 
 
 def load_base(config, workdir: str, mesh: Mesh) -> Base:
@@ -124,38 +117,35 @@ def load_base(config, workdir: str, mesh: Mesh) -> Base:
   if init_from == workdir:
     raise ConfigError(f"config.init_from={config.init_from!r} is the run's own workdir; "
                       "fine-tune into a new one")
-  resuming = workdir_lib.latest_step(workdir) is not None
+  resuming = store.latest_step(workdir) is not None
   source = workdir if resuming else init_from
   try:
-    saved = workdir_lib.read_config(source)
-    source_cfg = ModelConfig.from_dict(saved["model"])
+    saved = store.read_config(source)
+    source_cfg = store.load_model_config(source)
     if resuming and not source_cfg.lora_rank:
       raise ConfigError(f"workdir {workdir} holds a training run without LoRA adapters, not a "
                         "LoRA fine-tune; choose a new workdir")
-    where = config.init_from
-    cfg = adapted_config(source_cfg, config.model, where)
+    cfg = adapted_config(source_cfg, config.model, config.init_from)
     if resuming and (cfg.lora_rank, cfg.lora_targets) != (source_cfg.lora_rank,
                                                           source_cfg.lora_targets):
       raise ConfigError(
           f"workdir {workdir} trains rank-{source_cfg.lora_rank} adapters on "
           f"{source_cfg.lora_targets}; resuming it with rank {cfg.lora_rank} on "
           f"{cfg.lora_targets} is not possible: use the same LoRA settings or a new workdir")
-    shardings = param_shardings(cfg, mesh)
-    # Resuming: the base is this run's own 'params' item (never its adapters: the state has them).
-    _, params, lora, step = workdir_lib.restore_params(source, shardings=shardings,
-                                                       with_lora=not resuming)
-    tokenizer = workdir_lib.load_tokenizer(source)
-  except workdir_lib.WorkdirError as e:
+    # Resuming: the base is this run's own 'params' item (never its adapters: the state has
+    # them). Fresh: the base's model, with its own adapters merged if it is a LoRA run.
+    loaded = store.load_params(source, shardings=mesh, merge_lora=not resuming)
+    tokenizer = store.load_tokenizer(source)
+  except store.WorkdirError as e:
     raise ConfigError(f"config.init_from={config.init_from!r}: {e}") from e
-  if lora is not None:  # the base is itself a LoRA run: fine-tune its merged weights
-    params = jax.device_put(lora_lib.merge(source_cfg, params, lora), shardings)
   # An imported base's 'source' (architecture, stop ids) serves export and the sampler here too.
-  sections = {"init_from": {"workdir": init_from, "step": step}}
-  sections.update({k: saved[k] for k in (("init_from", "source") if resuming else ("source",))
-                   if k in saved})
+  sections = ({k: saved[k] for k in ("init_from", "source") if k in saved} if resuming else
+              {"init_from": {"workdir": init_from, "step": loaded.step},
+               **({"source": saved["source"]} if "source" in saved else {})})
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    _copy_tokenizer(tokenizer, workdir)
-  return Base(cfg=cfg, params=params, tokenizer=tokenizer,
+    path = getattr(tokenizer, "path", None)
+    if path is not None:  # the sampler reads the tokenizer file from the run's own workdir
+      store.copy_file(path, os.path.join(workdir, os.path.basename(path)))
+  return Base(cfg=cfg, params=loaded.params, tokenizer=tokenizer,
               workdir=sections["init_from"]["workdir"], step=sections["init_from"]["step"],
-              sections=sections)
+              seq_len=_base_seq_len(saved, cfg), sections=sections)

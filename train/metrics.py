@@ -1,8 +1,9 @@
-"""Metrics: per-interval reduction, metrics.jsonl, TensorBoard events, console progress.
+"""Metrics: per-interval reduction, step timing, metrics.jsonl, TensorBoard, console output.
 
   writer = MetricsWriter(workdir)                   # only process 0 writes
   writer.write(step, "train", {"loss": 2.1, ...})   # one JSON line + TensorBoard scalars
   acc = IntervalAccumulator(); acc.add(metrics); acc.reduce_and_reset()
+  timer = StepTimer(); timer.start(); ...; timer.stop(outputs); steps, seconds = timer.interval()
 
 Every line of metrics.jsonl is one JSON object with "step", "kind" ("train",
 "eval", "sample" or "summary"), "time" (seconds since the epoch) and the
@@ -21,6 +22,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -53,8 +56,6 @@ class MetricsWriter:
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       if tensorboard:
-        from tensorboardX import SummaryWriter
-
         self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
 
   def write(self, step: int, kind: str, metrics: dict[str, Any]) -> None:
@@ -70,10 +71,6 @@ class MetricsWriter:
           self._tb.add_scalar(f"{kind}/{name}", float(value), int(step))
         elif isinstance(value, str) and kind == "sample":
           self._tb.add_text(f"{kind}/{name}", value, int(step))
-
-  def flush(self) -> None:
-    if self._tb is not None:
-      self._tb.flush()
 
   def close(self) -> None:
     if self._tb is not None:
@@ -123,6 +120,58 @@ class IntervalAccumulator:
     return out
 
 
+class StepTimer:
+  """Wall-clock seconds of training steps, read only where the device has finished them.
+
+  JAX dispatches asynchronously: a step returns before its work is done, so timing
+  the Python call measures dispatch. `stop(outputs)` first blocks until `outputs`
+  (the latest step's metrics) are computed, then adds the seconds since `start()`
+  and the steps counted since then. Whatever happens between a stop and the next
+  start (evaluation, sampling, saving, the compiling first step) is not counted.
+  """
+
+  def __init__(self):
+    self.total_s = self.interval_s = 0.0
+    self.total_steps = self.interval_steps = 0
+    self._since: float | None = None
+    self._pending = 0
+
+  @property
+  def running(self) -> bool:
+    return self._since is not None
+
+  def start(self) -> None:
+    self._since, self._pending = time.perf_counter(), 0
+
+  def count(self, steps: int = 1) -> None:
+    """Steps dispatched since start() (they are timed once a stop() has seen them finish)."""
+    self._pending += steps
+
+  def stop(self, outputs) -> None:
+    jax.block_until_ready(outputs)
+    if self._since is None or not self._pending:  # no step ran: nothing to time
+      self._since, self._pending = None, 0
+      return
+    seconds = time.perf_counter() - self._since
+    self.total_s += seconds
+    self.interval_s += seconds
+    self.total_steps += self._pending
+    self.interval_steps += self._pending
+    self._since, self._pending = None, 0
+
+  def interval(self) -> tuple[int, float]:
+    """(steps, seconds) timed since the last call."""
+    out = (self.interval_steps, self.interval_s)
+    self.interval_s, self.interval_steps = 0.0, 0
+    return out
+
+
+def say(message: str) -> None:
+  """A console line on stderr, from process 0 only."""
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
 class Progress:
   """A console progress bar with ETA (tqdm) plus log lines that do not break it."""
 
@@ -130,8 +179,6 @@ class Progress:
     self.enabled = enabled and jax.process_index() == 0
     self.bar = None
     if self.enabled:
-      from tqdm import tqdm
-
       tty = sys.stderr.isatty()
       self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                       mininterval=0.5 if tty else 30.0, file=sys.stderr, smoothing=0.1,
@@ -145,12 +192,10 @@ class Progress:
       self.bar.update(n)
 
   def log(self, message: str) -> None:
-    if not (jax.process_index() == 0):
-      return
     if self.bar is not None:
       self.bar.write(message, file=sys.stderr)
     else:
-      print(message, file=sys.stderr, flush=True)
+      say(message)
 
   def close(self) -> None:
     if self.bar is not None:

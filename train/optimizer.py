@@ -20,7 +20,6 @@ optim.decay_embeddings.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -80,6 +79,3 @@ def make_optimizer(ocfg: ml_collections.ConfigDict, num_steps: int
                                p, decay_embeddings=bool(ocfg.decay_embeddings))))
   return optax.chain(*parts)
 
-
-def global_norm(tree) -> jnp.ndarray:
-  return optax.global_norm(tree)

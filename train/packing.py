@@ -29,8 +29,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-
 
 def build_stream(doc_tokens: Sequence[np.ndarray], eot_id: int) -> tuple[np.ndarray, np.ndarray]:
   """([N] tokens, [N] document index) of `d1 [eot] d2 [eot] ...`."""

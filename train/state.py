@@ -1,16 +1,16 @@
 """The train state and its placement on the device mesh.
 
-  mesh = make_run_mesh(config.mesh_shape)                       # ('data', 'fsdp', 'tensor')
-  state, shardings = create_state(cfg, tx, mesh, rng)           # created sharded
-  state, shardings = create_state(cfg, tx, mesh, rng, collection="lora")  # adapters only
+  abstract, shardings = state_shardings(task, tx, mesh)         # once per run
+  state = create_state(task, tx, mesh, rng, shardings)           # created sharded
+  batch = put_batch(host_batch, mesh, global_rows)
 
-State is never built on one device and then moved: `jax.eval_shape` gives the
-abstract state, the logical-axis rules (model/sharding.py) give each leaf's
-NamedSharding, and `jit(init, out_shardings=...)` materializes every shard
-where it lives. Optimizer moments (mu, nu) take the sharding of the parameter
-they belong to; scalars (counts) are replicated. In a LoRA fine-tune
-(collection='lora') the state's params are the adapters, so the optimizer
-state exists for them alone; the frozen base params live outside the state.
+State is never built on one device and then moved: the task's abstract params
+(one trace of the model's init) and the logical-axis rules (model/sharding.py)
+give each leaf's NamedSharding, and `jit(init, out_shardings=...)` materializes
+every shard where it lives. Optimizer moments (mu, nu) take the sharding of the
+parameter they belong to; scalars (counts) are replicated. The state's params
+are what the task trains: the model's params, or a LoRA run's adapters (whose
+frozen base lives outside the state).
 """
 
 from __future__ import annotations
@@ -27,20 +27,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import model
-from model.config import ModelConfig
-from model.sharding import LOGICAL_RULES, batch_sharding, make_mesh, param_shardings
+from model.sharding import LOGICAL_RULES, batch_sharding, param_shardings
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jnp.ndarray   # int32 scalar: optimizer updates applied so far
-  params: Any        # the trained params: the model's, or a fine-tune's LoRA adapters
+  params: Any        # the trained tree: the model's params, or a fine-tune's LoRA adapters
   opt_state: Any
   rng: jnp.ndarray    # uint32[2] raw PRNG key (dropout); folded with the step each update
-
-
-def make_run_mesh(shape, devices=None) -> Mesh:
-  return make_mesh(tuple(int(s) for s in shape), devices)
 
 
 @contextlib.contextmanager
@@ -74,35 +69,36 @@ def opt_state_shardings(abstract_opt_state, params_shardings, abstract_params, m
   return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
-def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng,
-               collection: str = "params") -> TrainState:
-  """A fresh state training `collection`: 'params' (the model) or 'lora' (its adapters)."""
+def init_state(task, tx: optax.GradientTransformation, rng) -> TrainState:
+  """A fresh state: the task's trainable tree, its optimizer state, a dropout key."""
   init_rng, dropout_rng = jax.random.split(rng)
-  params = model.init_lora(cfg, init_rng) if collection == "lora" else model.init(cfg, init_rng)
+  params = task.init(init_rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=dropout_rng)
 
 
-def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                    collection: str = "params") -> tuple[TrainState, TrainState]:
-  """(abstract state, NamedSharding of every leaf) for `cfg` on `mesh`."""
-  abstract = jax.eval_shape(lambda: init_state(cfg, tx, jax.random.PRNGKey(0), collection))
-  p_shard = param_shardings(cfg, mesh, collection=collection)
+def state_shardings(task, tx: optax.GradientTransformation, mesh: Mesh
+                    ) -> tuple[TrainState, TrainState]:
+  """(abstract state, NamedSharding of every leaf) of `task` on `mesh`; nothing is allocated."""
+  abstract_params = model.abstract_params(task.cfg, task.collection)
+  p_shard = param_shardings(task.cfg, mesh, collection=task.collection)
+  abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
   replicated = NamedSharding(mesh, P())
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                        opt_state=abstract_opt_state,
+                        rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
   shardings = TrainState(
       step=replicated, params=p_shard,
-      opt_state=opt_state_shardings(abstract.opt_state, p_shard, abstract.params, mesh),
+      opt_state=opt_state_shardings(abstract_opt_state, p_shard, abstract_params, mesh),
       rng=replicated)
   return abstract, shardings
 
 
-def create_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rng,
-                 collection: str = "params") -> tuple[TrainState, TrainState]:
-  """A fresh state created directly in its shards, and its shardings."""
-  _, shardings = state_shardings(cfg, tx, mesh, collection)
+def create_state(task, tx: optax.GradientTransformation, mesh: Mesh, rng,
+                 shardings: TrainState) -> TrainState:
+  """A fresh state created directly in its shards (`shardings` from state_shardings)."""
   with activation_sharding(mesh):
-    state = jax.jit(lambda r: init_state(cfg, tx, r, collection), out_shardings=shardings)(rng)
-  return state, shardings
+    return jax.jit(lambda r: init_state(task, tx, r), out_shardings=shardings)(rng)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

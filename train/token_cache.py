@@ -14,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+
+from model.store.files import atomic_open
 
 ENV_VAR = "TRANSFORMER_LAB_CACHE"
 
@@ -38,14 +38,6 @@ def file_digest(path: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()
 
 
-def _atomic_copy(src: str, dst: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dst)), suffix=".tmp")
-  os.close(fd)
-  shutil.copyfile(src, tmp)
-  os.replace(tmp, dst)
-
-
 class TokenCache:
   """A directory of cached tokenizers and token arrays."""
 
@@ -55,9 +47,6 @@ class TokenCache:
   # tokenizers
   def tokenizer_path(self, key: str) -> str:
     return os.path.join(self.root, "tokenizers", f"{key}.model")
-
-  def put_tokenizer(self, key: str, path: str) -> None:
-    _atomic_copy(path, self.tokenizer_path(key))
 
   # token arrays
   def _split_path(self, key: str, split: str) -> str:
@@ -77,11 +66,8 @@ class TokenCache:
 
   def put_tokens(self, key: str, split: str, docs: Sequence[np.ndarray], vocab_size: int) -> None:
     path = self._split_path(key, split)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
     tokens = np.concatenate([np.asarray(d, dtype) for d in docs]) if docs else np.zeros(0, dtype)
     lengths = np.array([len(d) for d in docs], np.int64)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_open(path, "wb") as f:
       np.savez(f, tokens=tokens, lengths=lengths)
-    os.replace(tmp, path)

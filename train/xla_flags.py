@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import os
 
+from jax._src import xla_bridge
+
 CPU_FLAGS = (
     "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
 )
@@ -40,16 +42,11 @@ def cpu_device_flag() -> tuple[str, ...]:
 
 
 def _backend_started() -> bool:
-  import sys
-
-  if "jax" not in sys.modules:
-    return False
+  """Whether JAX has started a backend (XLA_FLAGS are read then, and only then)."""
   try:
-    from jax._src import xla_bridge
-
-    return bool(xla_bridge._backends)
-  except (ImportError, AttributeError):
-    return True  # unknown: assume started, do nothing
+    return bool(xla_bridge.backends_are_initialized())
+  except AttributeError:  # another JAX version: assume started, change nothing
+    return True
 
 
 def merged(existing: str, flags=CPU_FLAGS) -> str:

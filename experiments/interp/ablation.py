@@ -48,24 +48,24 @@ class AblationStudy:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _each_head(cfg, params, lora, tokens_BT, scales_HLN):
+def _each_head(cfg, params, tokens_BT, scales_by_head):
   def one(scale_LN):
     ivs = iv_lib.Interventions(head_scale_LN=scale_LN)
-    return token_losses(cfg, params, tokens_BT, lora=lora, interventions=ivs).mean(0)
+    return token_losses(cfg, params, tokens_BT, interventions=ivs).mean(0)
 
-  return jax.lax.map(one, scales_HLN)
+  return jax.lax.map(one, scales_by_head)
 
 
-def each_head_ablated(cfg: ModelConfig, params, tokens_BT, *, lora=None) -> np.ndarray:
+def each_head_ablated(cfg: ModelConfig, params, tokens_BT) -> np.ndarray:
   """Mean loss per position [L, N, T - 1] with each head zero-ablated alone (one compile)."""
   n_heads = cfg.n_layers * cfg.n_heads
-  scales_HLN = 1.0 - jnp.eye(n_heads).reshape(n_heads, cfg.n_layers, cfg.n_heads)
-  curves = _each_head(cfg, params, lora, jnp.asarray(tokens_BT, jnp.int32), scales_HLN)
+  scales_by_head = 1.0 - jnp.eye(n_heads).reshape(n_heads, cfg.n_layers, cfg.n_heads)
+  curves = _each_head(cfg, params, jnp.asarray(tokens_BT, jnp.int32), scales_by_head)
   return np.asarray(curves).reshape(cfg.n_layers, cfg.n_heads, -1)
 
 
-def ablation_study(cfg: ModelConfig, params, rep: Repeated, top_heads, *, scores_LN=None,
-                   lora=None) -> AblationStudy:
+def ablation_study(cfg: ModelConfig, params, rep: Repeated, top_heads, *,
+                   scores_LN=None) -> AblationStudy:
   """Losses on rep's second copy, intact and ablated (see the module docstring).
 
   The control ablates as many other heads from the same layers as top_heads, those with
@@ -74,9 +74,9 @@ def ablation_study(cfg: ModelConfig, params, rep: Repeated, top_heads, *, scores
   """
   top_heads = [tuple(map(int, h)) for h in top_heads]
   second, first = repeated_half(rep), first_half(rep)
-  intact_T = np.asarray(token_losses(cfg, params, rep.tokens_BT, lora=lora)).mean(0)
-  per_head_LNT = each_head_ablated(cfg, params, rep.tokens_BT, lora=lora)
-  top_T = np.asarray(token_losses(cfg, params, rep.tokens_BT, lora=lora,
+  intact_T = np.asarray(token_losses(cfg, params, rep.tokens_BT)).mean(0)
+  per_head_LNT = each_head_ablated(cfg, params, rep.tokens_BT)
+  top_T = np.asarray(token_losses(cfg, params, rep.tokens_BT,
                                   interventions=iv_lib.ablate_heads(cfg, top_heads))).mean(0)
   order = (np.argsort(np.asarray(scores_LN), axis=None) if scores_LN is not None
            else np.arange(cfg.n_layers * cfg.n_heads)[::-1])
@@ -86,7 +86,7 @@ def ablation_study(cfg: ModelConfig, params, rep: Repeated, top_heads, *, scores
   others = [h for h in candidates if h not in top_heads]
   control = ([h for h in others if h[0] in top_layers] +
              [h for h in others if h[0] not in top_layers])[:len(top_heads)]
-  control_T = np.asarray(token_losses(cfg, params, rep.tokens_BT, lora=lora,
+  control_T = np.asarray(token_losses(cfg, params, rep.tokens_BT,
                                       interventions=iv_lib.ablate_heads(cfg, control))).mean(0)
   return AblationStudy(
       intact_loss=float(intact_T[second].mean()),

@@ -1,6 +1,8 @@
 """Every analysis on one model, into figures, report.md and summary.json.
 
-  summary = analyze(cfg, params, tokenizer, out_dir, prompt="...", lora=None)
+  summary = analyze(cfg, params, tokenizer, out_dir, prompt="...")
+
+`params` are a plain model's (a LoRA run's adapters merged: model.store.load_params).
 
 Figures: attention.png (the prompt's attention map per head), logit_lens.png,
 head_scores.png (induction, previous-token and copying scores, layers x
@@ -9,7 +11,6 @@ heads), ablation.png (loss on repeated tokens with heads ablated).
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -19,9 +20,8 @@ from experiments.interp import induction as ind
 from experiments.interp.ablation import ablation_study
 from experiments.interp.lens import logit_lens
 from experiments.interp.losses import run_with_intermediates, token_losses
-from model import count_params
+from model import count_params, store
 from model.config import ModelConfig
-from model.lora import merge
 
 
 def token_label(tokenizer, token_id: int) -> str:
@@ -54,7 +54,7 @@ def _icl_positions(length: int) -> tuple[int, int]:
   return max(1, round(length * 50 / 512)), min(length - 2, round(length * 500 / 512) - 1)
 
 
-def text_icl_score(cfg, params, tokenizer, text: str, *, lora=None, windows: int = 16):
+def text_icl_score(cfg, params, tokenizer, text: str, *, windows: int = 16):
   """ICL score on up to `windows` windows of max_seq_len tokens of `text`, or None if short."""
   ids = np.asarray(tokenizer.encode(text), np.int32)
   n = min(windows, len(ids) // cfg.max_seq_len)
@@ -62,7 +62,7 @@ def text_icl_score(cfg, params, tokenizer, text: str, *, lora=None, windows: int
     return None
   tokens_BT = ids[:n * cfg.max_seq_len].reshape(n, cfg.max_seq_len)
   early, late = _icl_positions(cfg.max_seq_len - 1)
-  return {"score": ind.icl_score(token_losses(cfg, params, tokens_BT, lora=lora), early, late),
+  return {"score": ind.icl_score(token_losses(cfg, params, tokens_BT), early, late),
           "early": early, "late": late, "windows": n}
 
 
@@ -72,11 +72,11 @@ def _md_table(header: list[str], rows: list[list]) -> str:
   return "\n".join(lines)
 
 
-def analyze(cfg: ModelConfig, params, tokenizer, out_dir: str, *, prompt: str, lora=None,
+def analyze(cfg: ModelConfig, params, tokenizer, out_dir: str, *, prompt: str,
             alphabet: str | None = None, half: int | None = None, batch: int = 16,
             seed: int = 0, top_k: int = 2, bos: bool = False, target: str | None = None,
             icl_text: str | None = None, command: str = "", title: str = "") -> dict:
-  """Run every analysis on (cfg, params[, lora]) and write the figures and reports."""
+  """Run every analysis on (cfg, params) and write the figures and reports."""
   os.makedirs(out_dir, exist_ok=True)
   bos_id = tokenizer.bos_id if bos else None
   if bos and bos_id is None:
@@ -95,33 +95,32 @@ def analyze(cfg: ModelConfig, params, tokenizer, out_dir: str, *, prompt: str, l
   ids = ids[:cfg.max_seq_len]
   prompt_BT = np.asarray([ids], np.int32)
   labels = [token_label(tokenizer, i) for i in ids]
-  logits_BTV, sown = run_with_intermediates(cfg, params, prompt_BT, lora=lora)
+  logits_BTV, sown = run_with_intermediates(cfg, params, prompt_BT)
   files = {"attention": figures.attention_maps(np.asarray(sown["attn_weights"][:, 0]), labels,
                                                os.path.join(out_dir, "attention.png"))}
   last_target = int(np.asarray(logits_BTV)[0, -1].argmax())
   if target:
     last_target = int(tokenizer.encode(target)[0])
   targets_BT = np.asarray([ids[1:] + [last_target]], np.int32)
-  lens = logit_lens(cfg, params, prompt_BT, targets_BT=targets_BT, lora=lora)
-  top1 = [[token_label(tokenizer, i) for i in row] for row in lens.top_ids_RBTK[:, 0, :, 0]]
+  lens = logit_lens(cfg, params, prompt_BT, targets_BT=targets_BT)
+  top1 = [[token_label(tokenizer, i) for i in row] for row in lens.top_ids_UBTZ[:, 0, :, 0]]
   files["logit_lens"] = figures.logit_lens_heatmap(
-      lens.target_prob_RBT[:, 0], top1, lens.labels, labels,
+      lens.target_prob_UBT[:, 0], top1, lens.labels, labels,
       os.path.join(out_dir, "logit_lens.png"))
-  lens_rows = [[label, int(lens.target_rank_RBT[r, 0, -1]),
-                f"{lens.target_prob_RBT[r, 0, -1]:.3f}",
+  lens_rows = [[label, int(lens.target_rank_UBT[r, 0, -1]),
+                f"{lens.target_prob_UBT[r, 0, -1]:.3f}",
                 " ".join(f"`{token_label(tokenizer, i)}` {p:.2f}" for i, p in
-                         zip(lens.top_ids_RBTK[r, 0, -1], lens.top_probs_RBTK[r, 0, -1],
+                         zip(lens.top_ids_UBTZ[r, 0, -1], lens.top_probs_UBTZ[r, 0, -1],
                              strict=True))]
                for r, label in enumerate(lens.labels)]
 
   # Repeated random tokens: head scores, ICL score, ablations.
   rep = ind.repeated_tokens(np.random.default_rng(seed), batch, half, token_ids, bos_id)
-  _, rep_sown = run_with_intermediates(cfg, params, rep.tokens_BT, lora=lora)
+  _, rep_sown = run_with_intermediates(cfg, params, rep.tokens_BT)
   induction_LN = ind.induction_scores(rep_sown["attn_weights"], rep)
   previous_LN = ind.previous_token_scores(rep_sown["attn_weights"], rep.start)
-  merged = merge(cfg, params, lora) if lora is not None else params
-  copying_LN = ind.copying_scores(cfg, merged, token_ids)
-  copying_z_LN = ind.copying_zscores(cfg, merged, rep_sown["resid_pre"], rep.tokens_BT,
+  copying_LN = ind.copying_scores(cfg, params, token_ids)
+  copying_z_LN = ind.copying_zscores(cfg, params, rep_sown["resid_pre"], rep.tokens_BT,
                                      token_ids)
   files["head_scores"] = figures.head_score_heatmaps(
       {"induction score": induction_LN, "previous-token score": previous_LN,
@@ -131,14 +130,14 @@ def analyze(cfg: ModelConfig, params, tokenizer, out_dir: str, *, prompt: str, l
   n_heads = cfg.n_layers * cfg.n_heads
   top_heads = [tuple(int(i) for i in np.unravel_index(j, induction_LN.shape))
                for j in order[:min(top_k, n_heads)]]
-  study = ablation_study(cfg, params, rep, top_heads, scores_LN=induction_LN, lora=lora)
+  study = ablation_study(cfg, params, rep, top_heads, scores_LN=induction_LN)
   files["ablation"] = figures.ablation_chart(study, os.path.join(out_dir, "ablation.png"))
   rep_early = rep.start + half // 2 - 1  # same offset in each copy; no earlier repeat in the first
   rep_icl = ind.icl_score(study.intact_curve_T[None], rep_early, rep_early + half)
   text_icl = None
   if icl_text:
     with open(icl_text) as f:
-      text_icl = text_icl_score(cfg, params, tokenizer, f.read(), lora=lora)
+      text_icl = text_icl_score(cfg, params, tokenizer, f.read())
 
   summary = {
       "title": title, "command": command, "model": cfg.to_dict(),
@@ -163,9 +162,8 @@ def analyze(cfg: ModelConfig, params, tokenizer, out_dir: str, *, prompt: str, l
           "rows": [{"readout": r[0], "rank": r[1], "prob": float(r[2])} for r in lens_rows]},
       "figures": {k: os.path.basename(v) for k, v in files.items()},
   }
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
+  store.write_json(os.path.join(out_dir, "summary.json"), summary)
+  with store.atomic_open(os.path.join(out_dir, "report.md")) as f:
     f.write(_report(cfg, summary, lens_rows, induction_LN, previous_LN, copying_LN,
                     copying_z_LN, study))
   return summary

@@ -8,11 +8,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from model.store.files import atomic_open  # noqa: E402
+
 MAX_LABELLED_TOKENS = 48  # beyond this, axis tick labels stop being readable
 
 
 def _save(fig, path: str) -> str:
-  fig.savefig(path, dpi=110, bbox_inches="tight")
+  with atomic_open(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
   plt.close(fig)
   return path
 
@@ -48,13 +51,13 @@ def attention_maps(weights_LNTS, labels: list[str], path: str) -> str:
   return _save(fig, path)
 
 
-def logit_lens_heatmap(prob_RT, top_labels_RT, readout_labels: list[str], token_labels,
+def logit_lens_heatmap(prob_UT, top_labels_UT, readout_labels: list[str], token_labels,
                        path: str) -> str:
   """Probability of the next token at each readout (rows) and position (columns), with each
   cell's top-1 token written in it."""
-  r, t = prob_RT.shape
+  r, t = prob_UT.shape
   fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * t + 2), 0.5 * r + 2))
-  image = ax.imshow(prob_RT, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+  image = ax.imshow(prob_UT, cmap="viridis", vmin=0, vmax=1, aspect="auto")
   fig.colorbar(image, ax=ax, label="p(next token)")
   ax.set_yticks(np.arange(r), readout_labels)
   _ticks(ax, token_labels, "x")
@@ -62,8 +65,8 @@ def logit_lens_heatmap(prob_RT, top_labels_RT, readout_labels: list[str], token_
   if t <= MAX_LABELLED_TOKENS:
     for i in range(r):
       for j in range(t):
-        ax.text(j, i, top_labels_RT[i][j], ha="center", va="center", fontsize=6,
-                color="white" if prob_RT[i, j] < 0.6 else "black")
+        ax.text(j, i, top_labels_UT[i][j], ha="center", va="center", fontsize=6,
+                color="white" if prob_UT[i, j] < 0.6 else "black")
   ax.set_title("Logit lens: each layer's residual stream through the final norm and unembedding")
   return _save(fig, path)
 
@@ -120,7 +123,7 @@ def ablation_chart(study, path: str) -> str:
 def training_curves(history: dict, path: str) -> str:
   """Training loss, loss on the repeated half and each head's induction score vs. step."""
   steps = np.asarray(history["step"])
-  scores_SLN = np.asarray(history["induction_scores"])
+  scores_by_step = np.asarray(history["induction_scores"])
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
   left.plot(steps, history["train_loss"], label="training loss", color="black")
   left.plot(steps, history["repeated_loss"], label="loss on the repeated half", color="tab:red")
@@ -128,9 +131,9 @@ def training_curves(history: dict, path: str) -> str:
   left.set_ylabel("nats")
   left.legend(fontsize=8)
   left.set_title("Loss")
-  for layer in range(scores_SLN.shape[1]):
-    for head in range(scores_SLN.shape[2]):
-      right.plot(steps, scores_SLN[:, layer, head], label=f"L{layer}H{head}",
+  for layer in range(scores_by_step.shape[1]):
+    for head in range(scores_by_step.shape[2]):
+      right.plot(steps, scores_by_step[:, layer, head], label=f"L{layer}H{head}",
                  ls="-" if layer else ":")
   right.set_xlabel("step")
   right.set_ylabel("induction score")

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+import model
 from model.config import ModelConfig
-from model.layers import make_norm
 
 
 @dataclasses.dataclass
@@ -70,12 +69,6 @@ def previous_token_scores(attn_weights_LBNTS, start: int = 0) -> np.ndarray:
   return np.asarray(attn_weights_LBNTS)[:, :, :, t_Q, t_Q - 1].mean(axis=(1, 3))
 
 
-def _layer(cfg: ModelConfig, params, layer: int):
-  if cfg.scan_layers:
-    return jax.tree.map(lambda a: a[layer], params["layers"])
-  return params[f"layers_{layer}"]
-
-
 def head_ov_factors(cfg: ModelConfig, params, layer: int, head: int, token_ids=None):
   """(A [V', H], B [H, V']): the head's OV circuit from token to logits is A B [V', V'].
 
@@ -85,13 +78,13 @@ def head_ov_factors(cfg: ModelConfig, params, layer: int, head: int, token_ids=N
   V' = token_ids (all tokens by default). A's rows and B's columns are centred over V'.
   """
   n, k, h = cfg.n_heads, cfg.kv_heads, cfg.head_size
-  lp = _layer(cfg, params, layer)
+  lp = model.layer_params(cfg, params, layer)
   embed_VD = jnp.asarray(params["embed"]["embedding"], jnp.float32)
   if token_ids is not None:
     embed_VD = embed_VD[jnp.asarray(token_ids)]
   x_VD = embed_VD
   if cfg.norm_placement == "pre":
-    x_VD = make_norm(cfg, "attn_norm").apply({"params": lp["attn_norm"]}, embed_VD[None])[0]
+    x_VD = model.normalize(cfg, lp["attn_norm"], embed_VD[None])[0]
   attn = lp["attn"]
   w_v = attn["qkv"]["kernel"][:, (n + k) * h:] if cfg.fused_qkv else attn["v"]["kernel"]
   kv = head // (n // k)
@@ -118,7 +111,7 @@ def copying_scores(cfg: ModelConfig, params, token_ids=None) -> np.ndarray:
   """[L, N] eigenvalue copying scores sum(lambda) / sum(|lambda|) of each head's OV circuit.
 
   The nonzero eigenvalues of A B [V', V'] are those of B A [H, H], so V never
-  has to be squared. Pass merged params (model.lora.merge) for an adapted model.
+  has to be squared. For a LoRA run, pass its merged params (model.store.load_params).
   """
   scores = np.zeros((cfg.n_layers, cfg.n_heads))
   for layer in range(cfg.n_layers):
@@ -145,10 +138,10 @@ def copying_zscores(cfg: ModelConfig, params, resid_pre_LBTD, tokens_BT, token_i
   where = lookup[np.asarray(tokens_BT)]  # position -> index into token_ids (-1: not one)
   scores = np.zeros((cfg.n_layers, n))
   for layer in range(cfg.n_layers):
-    lp = _layer(cfg, params, layer)
+    lp = model.layer_params(cfg, params, layer)
     x_BTD = jnp.asarray(resid_pre_LBTD[layer])
     if cfg.norm_placement == "pre":
-      x_BTD = make_norm(cfg, "attn_norm").apply({"params": lp["attn_norm"]}, x_BTD)
+      x_BTD = model.normalize(cfg, lp["attn_norm"], x_BTD)
     attn = lp["attn"]
     w_v = attn["qkv"]["kernel"][:, (n + k) * h:] if cfg.fused_qkv else attn["v"]["kernel"]
     v_BTKH = np.asarray(x_BTD @ jnp.asarray(w_v, jnp.float32)).reshape(*x_BTD.shape[:2], k, h)

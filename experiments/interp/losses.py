@@ -1,6 +1,6 @@
 """Jitted forward passes and per-token next-token losses for the analyses.
 
-  losses_BT = token_losses(cfg, params, tokens_BT, lora=..., interventions=...)
+  losses_BT = token_losses(cfg, params, tokens_BT, interventions=...)
   # losses_BT[b, t] = -log p(tokens[b, t + 1] | tokens[b, :t + 1]), shape [B, T - 1]
 """
 
@@ -17,15 +17,15 @@ from model.interventions import layer_intermediates
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _run(cfg, params, lora, tokens_BT, interventions):
-  logits_BTV, _, sown = model.apply(cfg, params, tokens_BT, lora=lora,
-                                    interventions=interventions, return_intermediates=True)
+def _run(cfg, params, tokens_BT, interventions):
+  logits_BTV, _, sown = model.apply(cfg, params, tokens_BT, interventions=interventions,
+                                    return_intermediates=True)
   return logits_BTV, layer_intermediates(cfg, sown)
 
 
-def run_with_intermediates(cfg, params, tokens_BT, *, lora=None, interventions=None):
+def run_with_intermediates(cfg, params, tokens_BT, *, interventions=None):
   """(logits_BTV, {name: [L, ...]}) from one jitted forward (see model.interventions)."""
-  return _run(cfg, params, lora, jnp.asarray(tokens_BT, jnp.int32), interventions)
+  return _run(cfg, params, jnp.asarray(tokens_BT, jnp.int32), interventions)
 
 
 def next_token_losses(logits_BTV, tokens_BT):
@@ -34,11 +34,11 @@ def next_token_losses(logits_BTV, tokens_BT):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _losses(cfg, params, lora, tokens_BT, interventions):
-  logits_BTV, _ = model.apply(cfg, params, tokens_BT, lora=lora, interventions=interventions)
+def _losses(cfg, params, tokens_BT, interventions):
+  logits_BTV, _ = model.apply(cfg, params, tokens_BT, interventions=interventions)
   return next_token_losses(logits_BTV, tokens_BT)
 
 
-def token_losses(cfg, params, tokens_BT, *, lora=None, interventions=None):
+def token_losses(cfg, params, tokens_BT, *, interventions=None):
   """Per-token next-token losses [B, T - 1] of the (possibly intervened on) model."""
-  return _losses(cfg, params, lora, jnp.asarray(tokens_BT, jnp.int32), interventions)
+  return _losses(cfg, params, jnp.asarray(tokens_BT, jnp.int32), interventions)

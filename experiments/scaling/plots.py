@@ -18,6 +18,7 @@ from matplotlib import cm, colors, ticker
 from matplotlib.figure import Figure
 
 from experiments.scaling.analysis import Analysis, frontier_indices, per_d_indices, per_n_indices
+from model.store.files import atomic_open
 
 DPI = 110
 
@@ -61,7 +62,8 @@ def _finish(fig: Figure, ax_list, path: str) -> str:
       ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.2g"))
       ax.yaxis.set_minor_formatter(ticker.NullFormatter())
       ax.set_ylim(lo, hi)
-  fig.savefig(path)
+  with atomic_open(path, "wb") as f:
+    fig.savefig(f, format="png")
   return path
 
 

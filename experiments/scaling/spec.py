@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from model.config import ModelConfig
-from model.counting import count_params
+from model.counting import count_params, flops_per_token
+from train.config_lib import load_config, model_config
 
 
 class SweepError(ValueError):
@@ -206,8 +208,6 @@ class Sweep:
 
   def training_config(self, run: Run):
     """The run's ConfigDict (checked by train.config_lib.load_config)."""
-    from train.config_lib import load_config
-
     return load_config(self.base_config, self.run_overrides(run))
 
   def run(self, name: str) -> Run:
@@ -222,8 +222,6 @@ def base_model_config(base_config: str, overrides: Mapping[str, Any], seq_len: i
                       vocab_size: int = 256) -> ModelConfig:
   """The ModelConfig a sweep's runs share apart from their shape (to count N while designing
   the sweep; the vocabulary does not change the non-embedding count)."""
-  from train.config_lib import load_config, model_config
-
   config = load_config(base_config, {**overrides, "model.max_seq_len": seq_len,
                                      "data.seq_len": seq_len})
   return model_config(config, vocab_size=vocab_size)
@@ -232,7 +230,6 @@ def base_model_config(base_config: str, overrides: Mapping[str, Any], seq_len: i
 def flops_per_token_of(shape: Shape, model: ModelConfig, compute: str) -> float:
   """Training FLOPs per token of `shape`: 6 N ('6nd', N non-embedding) or the full count with
   attention and the LM head ('exact': model.flops_per_token at T = model.max_seq_len)."""
-  from model.counting import flops_per_token
 
   if compute == "6nd":
     return 6.0 * non_embedding_params(shape, model)
@@ -286,9 +283,13 @@ def load_sweep(path: str) -> Sweep:
   """The Sweep that the file's get_sweep() returns."""
   if not os.path.isfile(path):
     raise SweepError(f"sweep file not found: {path!r} (sweeps live in experiments/sweeps/)")
-  from train.config_lib import import_file
-
-  module = import_file(path, "_sweep_")
+  spec = importlib.util.spec_from_file_location(
+      f"_sweep_{abs(hash(os.path.abspath(path)))}", path)
+  if spec is None or spec.loader is None:
+    raise SweepError(f"sweep file {path!r} is not a Python file (sweeps are .py files "
+                     "defining get_sweep())")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
   if not hasattr(module, "get_sweep"):
     raise SweepError(f"sweep file {path!r} defines no get_sweep()")
   sweep = module.get_sweep()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
+import jax
 import numpy as np
 
 from model.config import ModelConfig
@@ -24,12 +25,14 @@ from model.hf import gpt2, hf_config, llama, phi3
 from model.hf.hf_config import UnsupportedModelError
 from model.hf.layout import check_checkpoint, param_shapes, read_params, tensor_entries
 from model.hf.safetensors_io import (
-    DEFAULT_MAX_SHARD_SIZE,
-    CheckpointError,
-    SafetensorsReader,
-    read_json,
-    write_safetensors,
+  DEFAULT_MAX_SHARD_SIZE,
+  CheckpointError,
+  SafetensorsReader,
+  read_json,
+  write_safetensors,
 )
+from model.sharding import param_shardings
+from model.store.files import write_json
 
 MODULES: dict[str, ModuleType] = {arch: module for module in (gpt2, llama, phi3)
                                   for arch in module.ARCHITECTURES}
@@ -89,14 +92,10 @@ def load(hf_dir: str, *, dtype: str | None = None, shardings=None,
   Missing tensors, wrong shapes and tensors the mapping does not use raise
   CheckpointError naming the tensor.
   """
-  import jax
-
   hf = read_hf_config(hf_dir)
   module = MODULES[architecture_of(hf)]
   cfg = load_config(hf_dir, dtype=dtype, **overrides)
   if isinstance(shardings, jax.sharding.Mesh):
-    from model.sharding import param_shardings
-
     shardings = param_shardings(cfg, shardings)
   with SafetensorsReader(hf_dir) as reader:
     tensors = module.tensors(cfg, reader.names())
@@ -131,8 +130,6 @@ def save(cfg: ModelConfig, params, out_dir: str, *, architecture: str | None = N
   bos_token_id / eos_token_id / pad_token_id. A config the architecture cannot
   represent raises UnsupportedModelError naming what differs.
   """
-  import json
-
   architecture = architecture or export_architecture(cfg)
   if architecture not in MODULES:
     raise UnsupportedModelError(f"unsupported architecture {architecture!r}; supported: "
@@ -155,8 +152,7 @@ def save(cfg: ModelConfig, params, out_dir: str, *, architecture: str | None = N
     if stale.endswith(".safetensors") or stale == "model.safetensors.index.json":
       os.remove(os.path.join(out_dir, stale))
   write_safetensors(out_dir, entries, max_shard_size)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf, f, indent=2, sort_keys=True)
-  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-    json.dump({k: v for k, v in ids.items() if v is not None}, f, indent=2, sort_keys=True)
+  write_json(os.path.join(out_dir, "config.json"), hf, sort_keys=True)
+  write_json(os.path.join(out_dir, "generation_config.json"),
+             {k: v for k, v in ids.items() if v is not None}, sort_keys=True)
   return architecture

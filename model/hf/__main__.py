@@ -12,6 +12,9 @@ import sys
 
 from absl import app, flags, logging
 
+from model.config import parse_field_overrides
+from model.counting import count_params
+from model.hf import convert
 from model.hf.safetensors_io import DEFAULT_MAX_SHARD_SIZE
 
 COMMANDS = ("import", "export")
@@ -34,18 +37,6 @@ flags.DEFINE_string("max_shard_size", DEFAULT_MAX_SHARD_SIZE, "export: largest s
 FLAGS = flags.FLAGS
 
 
-def _overrides(items) -> dict:
-  from model.summary import _parse_value
-
-  overrides = {}
-  for item in items:
-    if "=" not in item:
-      raise app.UsageError(f"--set expects field=value, got {item!r}")
-    key, value = item.split("=", 1)
-    overrides[key] = _parse_value(value)
-  return overrides
-
-
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m model.hf {{{'|'.join(COMMANDS)}}} --flags...; "
@@ -60,16 +51,12 @@ def main(argv):
 
 
 def _run(command: str) -> int:
-  from model.hf import convert
-
   if command == "import":
     if not FLAGS.hf_dir or not FLAGS.workdir:
       raise app.UsageError("import needs --hf_dir and --workdir")
     cfg = convert.import_to_workdir(FLAGS.hf_dir, FLAGS.workdir, dtype=FLAGS.dtype,
                                     tokenizer_path=FLAGS.tokenizer, overwrite=FLAGS.overwrite,
-                                    **_overrides(FLAGS.set))
-    from model.counting import count_params
-
+                                    **parse_field_overrides(FLAGS.set))
     print(f"imported {FLAGS.hf_dir} -> {FLAGS.workdir} ({count_params(cfg).total:,} params)")
     return 0
   if not FLAGS.workdir or not FLAGS.out_dir:

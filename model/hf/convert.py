@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from model import lora as lora_lib
+from model import store
 from model.config import ModelConfig
 from model.hf import architecture_of, load, read_hf_config, save
 from model.hf.safetensors_io import DEFAULT_MAX_SHARD_SIZE
@@ -25,19 +25,17 @@ def import_to_workdir(hf_dir: str, workdir: str, *, dtype: str | None = None,
                       tokenizer_path: str | None = None, overwrite: bool = False,
                       **overrides) -> ModelConfig:
   """Write a workdir holding the HF model in hf_dir; returns its ModelConfig."""
-  from train import workdir as wd
-
-  if os.path.exists(wd.config_path(workdir)) and not overwrite:
-    raise FileExistsError(f"{workdir} already holds a model ({wd.CONFIG_FILE}); choose another "
-                          "workdir or pass --overwrite")
+  if store.has_config(workdir) and not overwrite:
+    raise FileExistsError(f"{workdir} already holds a model ({store.CONFIG_FILE}); choose "
+                          "another workdir or pass --overwrite")
   architecture = architecture_of(read_hf_config(hf_dir))
   cfg, params = load(hf_dir, dtype=dtype, **overrides)
   tokenizer, stop_ids = install_tokenizer(hf_dir, workdir, tokenizer_path)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                      f"embedding only {cfg.vocab_size} rows")
-  wd.save_params(workdir, params, step=0)
-  wd.write_config(workdir, cfg, tokenizer, source={
+  store.save_params(workdir, params, step=0)
+  store.write_config(workdir, cfg, tokenizer, source={
       "format": "huggingface", "hf_dir": os.path.abspath(hf_dir), "architecture": architecture,
       "stop_ids": stop_ids})
   return cfg
@@ -46,17 +44,14 @@ def import_to_workdir(hf_dir: str, workdir: str, *, dtype: str | None = None,
 def export_workdir(workdir: str, out_dir: str, *, step: int | None = None,
                    architecture: str | None = None, dtype: str | None = None,
                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> str:
-  """Write a workdir's checkpoint as an HF model directory; returns the architecture."""
-  from train import workdir as wd
-
-  cfg, params, lora, _ = wd.restore_params(workdir, step)
-  if lora is not None:
-    params = lora_lib.merge(cfg, params, lora)
-  cfg = cfg.replace(lora_rank=0, lora_targets=())
-  tokenizer = wd.load_tokenizer(workdir)
+  """Write a workdir's checkpoint as an HF model directory (LoRA adapters merged); returns the
+  architecture."""
+  loaded = store.load_params(workdir, step)
+  cfg, params = loaded.cfg, loaded.params
+  tokenizer = store.load_tokenizer(workdir)
   token_ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                "pad_token_id": tokenizer.pad_id}
-  source = wd.read_config(workdir).get("source", {})
+  source = store.read_config(workdir).get("source", {})
   # An imported model goes back out as the architecture it came from (unless told otherwise).
   architecture = architecture or source.get("architecture")
   stop_ids = source.get("stop_ids")

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from model.api import abstract_params
 from model.config import ModelConfig
 from model.hf.safetensors_io import CheckpointError, SafetensorsReader
 
@@ -93,9 +94,7 @@ def whole(path: Path, width: int) -> Piece:
 
 def param_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
   """{(layer or None, *path): shape} of every parameter leaf, per layer (no L axis)."""
-  from model.api import init
-
-  abstract = jax.eval_shape(lambda: init(cfg, jax.random.PRNGKey(0)))
+  abstract = abstract_params(cfg)
   shapes = {}
   for path, leaf in traverse_util.flatten_dict(abstract).items():
     if path[0] == "layers":
@@ -185,8 +184,6 @@ def read_params(cfg: ModelConfig, tensors: list[HFTensor], reader: SafetensorsRe
   so host memory holds one leaf plus one layer of it at a time, and no device
   ever holds more than its shard.
   """
-  from model.api import init
-
   dtype = np.dtype(cfg.param_dtype)
   sources: dict = {}  # (layer, *path) -> [(piece, tensor, offset of the piece in tensor)]
   for tensor in tensors:
@@ -205,7 +202,7 @@ def read_params(cfg: ModelConfig, tensors: list[HFTensor], reader: SafetensorsRe
       parts.append((part.T if tensor.transpose else part).astype(dtype, copy=False))
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
 
-  abstract = traverse_util.flatten_dict(jax.eval_shape(lambda: init(cfg, jax.random.PRNGKey(0))))
+  abstract = traverse_util.flatten_dict(abstract_params(cfg))
   flat_shardings = (traverse_util.flatten_dict(shardings) if shardings is not None else {})
   if shardings is not None and set(flat_shardings) != set(abstract):
     raise ValueError("shardings do not match the parameter tree of the imported config; build "

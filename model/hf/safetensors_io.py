@@ -25,6 +25,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from model.store.files import atomic_path, write_json
+
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -165,11 +167,11 @@ def write_safetensors(out_dir: str, tensors: Sequence[tuple[str, tuple[int, ...]
       arrays[name] = array
       weight_map[name] = file
       total += array.nbytes
-    save_file(arrays, os.path.join(out_dir, file), metadata={"format": "pt"})
+    with atomic_path(os.path.join(out_dir, file)) as tmp:
+      save_file(arrays, tmp, metadata={"format": "pt"})
   if len(shards) > 1:
-    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2,
-                sort_keys=True)
+    write_json(os.path.join(out_dir, INDEX_NAME),
+               {"metadata": {"total_size": total}, "weight_map": weight_map}, sort_keys=True)
   return names
 
 

@@ -19,9 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from model.hf.safetensors_io import CheckpointError, read_json
+from model.store.files import atomic_open, copy_file, write_json
+from model.store.tokenizer import HFTokenizer, SentencePieceTokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
@@ -48,8 +51,6 @@ def find_tokenizer(path: str) -> tuple[str, str]:
 
 def bpe_files_to_tokenizer_json(directory: str, out_path: str) -> None:
   """GPT-2 style vocab.json + merges.txt -> an equivalent byte-level BPE tokenizer.json."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
   vocab_path = os.path.join(directory, "vocab.json")
   tok = Tokenizer(models.BPE.from_file(vocab_path, os.path.join(directory, "merges.txt"),
                                        continuing_subword_prefix="", end_of_word_suffix="",
@@ -64,7 +65,8 @@ def bpe_files_to_tokenizer_json(directory: str, out_path: str) -> None:
                                                    "unk_token")} | {"<|endoftext|>"}
   tok.add_special_tokens([AddedToken(s, special=True) for s in sorted(specials - {None})
                           if s in vocab])
-  tok.save(out_path)
+  with atomic_open(out_path, "w") as f:
+    f.write(tok.to_str(pretty=True))
 
 
 def _token_text(token) -> str | None:
@@ -108,14 +110,12 @@ def special_ids(hf_dir: str, token_to_id, vocab_size: int, encode_with_specials=
 
 
 def install_tokenizer(hf_dir: str, workdir: str, tokenizer_path: str | None = None):
-  """Copy the model's tokenizer into workdir; returns (train.tokenizer object, stop_ids)."""
-  from train.tokenizer import HFTokenizer, SentencePieceTokenizer
-
+  """Copy the model's tokenizer into workdir; returns (tokenizer object, stop_ids)."""
   kind, source = find_tokenizer(tokenizer_path or hf_dir)
   os.makedirs(workdir, exist_ok=True)
   if kind == "sentencepiece":
     target = os.path.join(workdir, SENTENCEPIECE_MODEL)
-    shutil.copyfile(source, target)
+    copy_file(source, target)
     tok = SentencePieceTokenizer(target)
     ids = special_ids(hf_dir, lambda t: _none_if_unknown(tok.sp.piece_to_id(t), tok.sp),
                       tok.vocab_size)
@@ -127,9 +127,7 @@ def install_tokenizer(hf_dir: str, workdir: str, tokenizer_path: str | None = No
   if kind == "bpe_files":
     bpe_files_to_tokenizer_json(source, target)
   else:
-    shutil.copyfile(source, target)
-  from tokenizers import Tokenizer
-
+    copy_file(source, target)
   raw = Tokenizer.from_file(target)
   ids = special_ids(hf_dir, raw.token_to_id, raw.get_vocab_size(with_added_tokens=True),
                     lambda text: raw.encode(text, add_special_tokens=True).ids)
@@ -155,10 +153,8 @@ def export_tokenizer(tokenizer, out_dir: str) -> None:
     return
   target = os.path.join(out_dir, os.path.basename(path))
   if not path.endswith(".json"):
-    shutil.copyfile(path, target)
+    copy_file(path, target)
     return
-  from tokenizers import Tokenizer, processors
-
   tok = Tokenizer.from_file(path)
   if tokenizer.add_bos and tok.encode("a", add_special_tokens=True).ids[:1] != [tokenizer.bos_id]:
     bos = tok.id_to_token(tokenizer.bos_id)
@@ -166,11 +162,11 @@ def export_tokenizer(tokenizer, out_dir: str) -> None:
                                              special_tokens=[(bos, tokenizer.bos_id)])
     tok.post_processor = (template if tok.post_processor is None
                           else processors.Sequence([tok.post_processor, template]))
-  tok.save(target)
+  with atomic_open(target, "w") as f:
+    f.write(tok.to_str(pretty=True))
   config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": tokenizer.add_bos}
   for field in ("bos", "eos", "pad"):
     token_id = getattr(tokenizer, f"{field}_id")
     if token_id is not None:
       config[f"{field}_token"] = tok.id_to_token(token_id)
-  with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+  write_json(os.path.join(out_dir, "tokenizer_config.json"), config, sort_keys=True)
