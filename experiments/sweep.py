@@ -48,7 +48,7 @@ RUNS_DIR = "runs"
 
 def resolve_sweep_path(sweep: str) -> str:
   """'cpu' -> experiments/sweeps/cpu.py; a path is returned as is."""
-  if os.sep in sweep or sweep.endswith(".py"):
+  if os.sep in sweep or sweep.endswith(".py") or os.path.isfile(sweep):
     return sweep
   return os.path.join(SWEEPS_DIR, f"{sweep}.py")
 
@@ -276,7 +276,14 @@ def run_sweep(sweep: spec.Sweep, workdir: str, *, sweep_path: str = "", command:
 
 def main(argv):
   del argv
-  f = flags.FLAGS
+  try:
+    return _main(flags.FLAGS)
+  except (spec.SweepError, config_lib.ConfigError, store.WorkdirError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+
+
+def _main(f):
   if not f["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if f.distributed or f.coordinator_address:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from model import store
-from train.checkpoints import Checkpointer
+from train.checkpoints import Checkpointer, SaveFailed
 from train.config_lib import load_config
 from train.metrics import read_metrics
 from train.state import TrainState
@@ -119,7 +119,8 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
 
   ckpt = Checkpointer(str(tmp_path), keep=1, async_save=False)
   ckpt.save(state(1), data_state={"next_index": 1}, meta={})
-  with pytest.raises(TypeError):  # dies half-way: params written, the data item is not JSON
+  with pytest.raises(SaveFailed, match="checkpoint 2 .* failed .*last good checkpoint is step 1"):
+    # dies half-way: params written, the data item is not JSON
     ckpt.save(state(2), data_state={"next_index": object()}, meta={})
   ckpt.close()
   # A save killed from outside leaves a temporary directory like this one behind.

@@ -8,20 +8,25 @@
                           one process per host: calls jax.distributed.initialize
 
 Exit status: 0 when the run completed, 1 on a bad config or input, 2 when the
-loss diverged (the last good checkpoint is kept), 128 + signal number when
-SIGINT/SIGTERM interrupted it (after saving).
+loss diverged (the last good checkpoint is kept), 3 when writing to the workdir
+failed (a full disk: the last good checkpoint is kept), 128 + signal number when
+SIGINT/SIGTERM interrupted it (after saving). Errors are one line on stderr.
 """
 
 from __future__ import annotations
 
 import ast
+import logging as std_logging
 import signal
 import sys
+import threading
 
 import jax
 from absl import app, flags, logging
 
+from model import store
 from train import config_lib, xla_flags
+from train.checkpoints import SaveFailed
 from train.corpus import CorpusError
 from train.trainer import TrainingDiverged, train_and_evaluate
 
@@ -33,6 +38,33 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-process ru
 
 HELP_ARGS = ("--help", "-help", "-h", "--helpshort", "-?")
 _config = None  # the run config, parsed with the flags
+
+
+class _QuietOrbaxErrors(std_logging.Filter):
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.levelno >= std_logging.ERROR and "orbax" in record.pathname)
+
+
+class _BackgroundErrors:
+  """Holds back exceptions of background threads (orbax's writers, TensorStore callbacks)
+  while a run goes on. After a failure they are its echoes (a full disk makes every writer
+  thread fail) and the one error line says what happened; after a success they are shown."""
+
+  def __enter__(self):
+    self.held = []
+    self._hooks = (sys.unraisablehook, threading.excepthook)
+    sys.unraisablehook = lambda args: self.held.append(("unraisable", args))
+    threading.excepthook = lambda args: self.held.append(("thread", args))
+    return self
+
+  def __exit__(self, exc_type, *exc) -> bool:
+    return False
+
+  def release(self) -> None:
+    """Restore the hooks and show what was held back."""
+    sys.unraisablehook, threading.excepthook = self._hooks
+    for kind, args in self.held:
+      (sys.unraisablehook if kind == "unraisable" else threading.excepthook)(args)
 
 
 def _first_doc_line(path: str) -> str:
@@ -85,19 +117,31 @@ def main(argv):
     raise app.UsageError("--workdir is required (e.g. --workdir=runs/default)")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    # A failed save is reported once, as one line (SaveFailed), not as orbax's thread logs.
+    logging.get_absl_handler().addFilter(_QuietOrbaxErrors())
   xla_flags.apply()  # before JAX starts its backend: faster CPU kernels (train/xla_flags.py)
   if FLAGS.coordinator_address:
     # CPU processes exchange arrays through gloo; accelerators use their own collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  background = _BackgroundErrors().__enter__()
   try:
     summary = train_and_evaluate(_config, FLAGS.workdir)
-  except (config_lib.ConfigError, CorpusError, FileNotFoundError) as e:
+  except (config_lib.ConfigError, CorpusError, store.WorkdirError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   except TrainingDiverged as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except SaveFailed as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 3
+  except OSError as e:  # metrics, events, config.json or summary.json could not be written
+    steps = store.all_steps(FLAGS.workdir)
+    print(f"error: writing {e.filename or FLAGS.workdir} failed ({store.error_cause(e)}); the "
+          f"last good checkpoint is step {steps[-1] if steps else 'none'}", file=sys.stderr)
+    return 3
+  background.release()
   if summary["status"].startswith("interrupted"):
     name = summary["status"].rsplit(" ", 1)[-1]
     return 128 + int(getattr(signal, name, signal.SIGTERM))

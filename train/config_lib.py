@@ -31,7 +31,7 @@ from absl import flags
 from ml_collections import config_dict, config_flags
 from ml_collections.config_flags import config_path
 
-from model.config import LORA_TARGETS, ModelConfig
+from model.config import LORA_TARGETS, RUNTIME_FIELDS, ModelConfig
 from model.presets import PRESETS, get_preset
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -321,3 +321,44 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
       return [clean(x) for x in v]
     return v
   return clean(config.to_dict())
+
+
+# ---- resuming ------------------------------------------------------------------------------
+# Keys a resumed run may change: how long it runs and how it reports, how batches are laid out
+# over devices, the optimizer's hyperparameters (the schedule's length included), a LoRA
+# run's init_from (a resumed run reads its base from its own checkpoint) and the model's
+# runtime knobs. Every other key changes the weights, the token ids or the data stream:
+# resuming with another value is an error, before anything is written.
+RESUMABLE_KEYS = (
+    "num_steps", "log_every", "eval_every", "eval_batches", "eval_batch_size",
+    "checkpoint_every", "keep_checkpoints", "async_checkpoints", "progress_bar", "tensorboard",
+    "peak_flops", "sample_prompt", "sample_tokens", "sample_temperature", "batch_size",
+    "grad_accum_steps", "mesh_shape", "init_from", "optim.*", "data.cache_dir",
+    *(f"model.{name}" for name in RUNTIME_FIELDS))
+
+
+def resumable(key: str) -> bool:
+  return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in RESUMABLE_KEYS)
+
+
+def _flat(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def resume_conflicts(saved: Mapping[str, Any], config: ml_collections.ConfigDict
+                     ) -> list[tuple[str, Any, Any]]:
+  """(key, the workdir's value, the requested value) of every non-resumable key that differs
+  between a workdir's saved training config and `config`. A key the request leaves unset
+  (None, e.g. a LoRA run's inherited seq_len) or that one side does not know is no conflict."""
+  theirs, ours = _flat(saved), _flat(to_dict(config))
+  # The byte tokenizer has no settings: only its kind matters.
+  bytes_only = theirs.get("tokenizer.kind") == ours.get("tokenizer.kind") == "byte"
+  return [(key, theirs[key], ours[key]) for key in sorted(set(theirs) & set(ours))
+          if not resumable(key) and ours[key] is not None and theirs[key] != ours[key]
+          and not (bytes_only and key.startswith("tokenizer."))]

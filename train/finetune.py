@@ -109,6 +109,18 @@ def _base_seq_len(saved: dict, cfg: ModelConfig) -> int:
   return int(trained) if trained else min(IMPORTED_SEQ_LEN, cfg.max_seq_len)
 
 
+def _own_base(workdir: str, mesh: Mesh) -> store.LoadedParams:
+  """A resumed LoRA run's frozen base: the 'params' item of its newest readable checkpoint
+  (every checkpoint holds the same base; the trainer sets damaged steps aside)."""
+  problems = []
+  for step in reversed(store.all_steps(workdir)):
+    try:
+      return store.load_params(workdir, step, shardings=mesh, merge_lora=False)
+    except store.CheckpointError as e:
+      problems.append(str(e).split(";")[0])
+  raise store.CheckpointError(f"no readable base params in {workdir}: " + "; ".join(problems))
+
+
 def load_base(config, workdir: str, mesh: Mesh) -> Base:
   """The base of a LoRA run in `workdir` (config.init_from, or the run's own checkpoint when
   resuming), its params placed on `mesh` by the model's sharding rules."""
@@ -134,7 +146,8 @@ def load_base(config, workdir: str, mesh: Mesh) -> Base:
           f"{cfg.lora_targets} is not possible: use the same LoRA settings or a new workdir")
     # Resuming: the base is this run's own 'params' item (never its adapters: the state has
     # them). Fresh: the base's model, with its own adapters merged if it is a LoRA run.
-    loaded = store.load_params(source, shardings=mesh, merge_lora=not resuming)
+    loaded = (_own_base(workdir, mesh) if resuming else
+              store.load_params(source, shardings=mesh))
     tokenizer = store.load_tokenizer(source)
   except store.WorkdirError as e:
     raise ConfigError(f"config.init_from={config.init_from!r}: {e}") from e

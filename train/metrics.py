@@ -84,16 +84,21 @@ class IntervalAccumulator:
   Per-step values stay on device until `reduce_and_reset` (one transfer per
   interval, no sync per step). Means for loss/grad_norm, the last value for
   lr/param_norm, sums for tokens and nonfinite steps.
+
+  `snapshot()` is the interval so far as host totals (JSON: a checkpoint's meta
+  carries it), and `IntervalAccumulator(carried=snapshot)` continues it, so the
+  row that spans a restart averages the same steps as an uninterrupted run's.
   """
 
   SUMS = ("tokens", "nonfinite")
   LAST = ("lr", "param_norm")
 
-  def __init__(self):
+  def __init__(self, carried: dict | None = None):
     self._pending: list[dict] = []
+    self._carried = carried if carried and carried.get("steps") else None
 
   def __len__(self) -> int:
-    return len(self._pending)
+    return len(self._pending) + (self._carried["steps"] if self._carried else 0)
 
   def add(self, metrics: dict) -> None:
     self._pending.append(metrics)
@@ -102,21 +107,30 @@ class IntervalAccumulator:
     """Steps of the pending interval whose loss or gradient was not finite (a host sync)."""
     return int(sum(jax.device_get([m["nonfinite"] for m in self._pending])))
 
+  def snapshot(self) -> dict:
+    """{'steps', 'sums', 'last'}: the interval so far, carried part included (a host sync)."""
+    steps, sums, last = 0, {}, {}
+    if self._carried:
+      steps, sums, last = (self._carried["steps"], dict(self._carried["sums"]),
+                           dict(self._carried["last"]))
+    for m in jax.device_get(self._pending):
+      steps += 1
+      for key, value in m.items():
+        if key in self.LAST:
+          last[key] = float(value)
+        else:
+          sums[key] = sums.get(key, 0.0) + float(value)
+    return {"steps": steps, "sums": sums, "last": last}
+
   def reduce_and_reset(self) -> dict[str, float]:
-    if not self._pending:
+    totals = self.snapshot()
+    self._pending, self._carried = [], None
+    if not totals["steps"]:
       return {}
-    host = jax.device_get(self._pending)
-    self._pending = []
-    out = {}
-    for key in host[0]:
-      values = np.asarray([m[key] for m in host], np.float64)
-      if key in self.SUMS:
-        out[key] = float(values.sum())
-      elif key in self.LAST:
-        out[key] = float(values[-1])
-      else:
-        out[key] = float(values.mean())
-    out["steps"] = len(host)
+    out = {key: (value if key in self.SUMS else value / totals["steps"])
+           for key, value in totals["sums"].items()}
+    out.update(totals["last"])
+    out["steps"] = totals["steps"]
     return out
 
 

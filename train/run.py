@@ -38,7 +38,7 @@ from train.tasks import LoraFinetune, Pretrain
 
 # What a fresh run's metadata starts as; checkpoints carry it forward.
 FRESH_META = {"tokens_seen": 0.0, "best_val_loss": None, "wall_time_s": 0.0,
-              "base_val_loss": None}
+              "base_val_loss": None, "interval": None}
 
 
 @dataclasses.dataclass
@@ -72,6 +72,28 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
           f"(mesh {dict(mesh.shape)}) and {jax.process_count()} processes")
 
 
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuse, before anything is written, to resume a workdir with a config that would change
+  its weights, token ids or data stream (config_lib.RESUMABLE_KEYS may change)."""
+  if not store.has_config(workdir):
+    return
+  saved = store.read_config(workdir)
+  if "train" not in saved:
+    raise ConfigError(
+        f"workdir {workdir} holds a model that was not trained here (an import or a hand-made "
+        "one), not a training run to resume; fine-tune it with --config=train/configs/lora.py "
+        f"--config.init_from={workdir} --workdir=NEW, or train into a new workdir")
+  conflicts = config_lib.resume_conflicts(saved["train"], config)
+  if conflicts:
+    listed = ", ".join(f"{key}={theirs!r} (this command: {ours!r})"
+                       for key, theirs, ours in conflicts)
+    raise ConfigError(
+        f"workdir {workdir} was trained with {listed}; these change the weights, the token ids "
+        "or the data stream, so the run cannot resume with them. Rerun with the workdir's "
+        "values to resume, or pass another --workdir to start a new run. Keys that may change "
+        f"on resume: {', '.join(config_lib.RESUMABLE_KEYS)}")
+
+
 def _model_config(config, data: PreparedData, base: finetune.Base | None):
   cfg = base.cfg if base else config_lib.model_config(
       config, vocab_size=data.tokenizer.vocab_size)
@@ -89,7 +111,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *,
   """Build (or restore) the run `config` (validated: load_config or from_command_line)."""
   config = copy.deepcopy(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  store.ensure_writable(workdir)
+  check_resume(config, workdir)
   mesh = make_mesh(tuple(int(s) for s in config.mesh_shape))
   check_batch_layout(config, mesh)
   base = finetune.load_base(config, workdir, mesh) if config.init_from else None
@@ -114,7 +137,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *,
     meta = dict(FRESH_META)
     resumed_step = checkpointer.latest_step()
     if resumed_step is not None:
-      state, data_state, restored = checkpointer.restore(abstract, shardings)
+      state, data_state, restored = checkpointer.restore(abstract, shardings, log=log)
+      resumed_step = restored["step"]
       if data_state is not None:
         iterator.set_state(data_state)
       meta.update({k: restored[k] for k in meta if k in restored})

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import zipfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -60,8 +62,12 @@ class TokenCache:
     try:
       with np.load(path) as data:
         tokens, lengths = data["tokens"], data["lengths"]
-    except (OSError, ValueError, KeyError):
-      return None  # a damaged entry is rebuilt
+      if int(lengths.sum()) != len(tokens):
+        raise ValueError(f"{len(tokens)} tokens but documents of {int(lengths.sum())}")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+      logging.warning("the token cache entry %s is damaged (%s); rebuilding it", path,
+                      " ".join(str(e).split()) or type(e).__name__)
+      return None
     return np.split(tokens.astype(np.int32), np.cumsum(lengths)[:-1])
 
   def put_tokens(self, key: str, split: str, docs: Sequence[np.ndarray], vocab_size: int) -> None:

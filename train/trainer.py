@@ -20,6 +20,7 @@ with `TrainingDiverged` without saving the broken state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -66,7 +67,7 @@ class Trainer:
     self.flops_per_token = run.task.flops_per_token(self.config.data.seq_len)
     self.last_train: dict[str, Any] = {}
     self.last_eval: dict[str, Any] = {}
-    self.acc = IntervalAccumulator()
+    self.acc = IntervalAccumulator(carried=run.meta["interval"])  # a row spanning a restart
     self.timer = StepTimer()
     self.in_flight = None  # the latest step's metrics, possibly not computed yet
     self.writer = MetricsWriter(run.workdir, tensorboard=self.config.tensorboard)
@@ -78,7 +79,8 @@ class Trainer:
 
   def __exit__(self, exc_type, *exc) -> bool:
     if exc_type is not None:  # finish pending saves and flush the event files, then re-raise
-      self.close()
+      with contextlib.suppress(Exception):  # the first error is the one to report
+        self.close()
     return False
 
   # ---- the loop's operations --------------------------------------------------------------
@@ -140,8 +142,9 @@ class Trainer:
     self.writer.write(self.global_step, "train", self.last_train)
     self.progress.update(0, loss=f"{reduced['loss']:.3f}", tok_s=f"{tok_s or 0:,.0f}")
 
-  def evaluate(self) -> dict[str, float]:
-    """Validation loss (nats/token), perplexity and bits per byte over the eval batches."""
+  def evaluate(self, record: bool = True) -> dict[str, float]:
+    """Validation loss (nats/token), perplexity and bits per byte over the eval batches;
+    `record=False` (a finished run rerun: its rows exist) writes no metrics rows."""
     self._pause()
     self._check_finite()
     rows = self.config.eval_batch_size or self.micro_rows
@@ -161,10 +164,11 @@ class Trainer:
     if self.global_step == 0 and self.run.base is not None:
       self.base_val = loss  # a LoRA run's base, before any update
     self.best_val = loss if self.best_val is None else min(self.best_val, loss)
-    self.writer.write(self.global_step, "eval", self.last_eval)
+    if record:
+      self.writer.write(self.global_step, "eval", self.last_eval)
     self.say(f"step {self.global_step}: val_loss {loss:.4f}  val_bpb "
              f"{self.last_eval['val_bpb']:.4f}  val_ppl {self.last_eval['val_ppl']:.2f}")
-    if self.config.sample_tokens > 0 and jax.process_count() == 1:
+    if record and self.config.sample_tokens > 0 and jax.process_count() == 1:
       text = self.sample_text()
       self.writer.write(self.global_step, "sample", {"text": text})
       self.say(f"sample: {text!r}")
@@ -190,7 +194,8 @@ class Trainer:
     self.run.checkpointer.save(
         self.state, data_state=self.run.iterator.get_state(), force=force,
         meta={"tokens_seen": self.tokens_seen, "best_val_loss": self.best_val,
-              "base_val_loss": self.base_val, "wall_time_s": wall})
+              "base_val_loss": self.base_val, "wall_time_s": wall,
+              "interval": self.acc.snapshot()})
     self._resume()
 
   # ---- the end -----------------------------------------------------------------------------
@@ -205,7 +210,8 @@ class Trainer:
     self.run.checkpointer.wait()
     summary = self.summary(status)
     self.close()
-    self.writer.write(self.global_step, "summary", summary)
+    if self.global_step > self.start_step:  # a rerun of a finished run adds no rows
+      self.writer.write(self.global_step, "summary", summary)
     if jax.process_index() == 0:
       store.write_json(os.path.join(self.run.workdir, SUMMARY_FILE), summary)
       self.say(format_summary(summary))
@@ -218,9 +224,12 @@ class Trainer:
              if timer.total_steps and timer.total_s > 0 else None)
     wall = time.time() - self.started_at
     counts = self.counts
+    open_interval = self.acc.snapshot() if len(self.acc) else None  # an interrupted interval
+    train_loss = (open_interval["sums"]["loss"] / open_interval["steps"] if open_interval
+                  else self.last_train.get("loss"))
     return {
         "status": status, "step": self.global_step, "num_steps": config.num_steps,
-        "tokens_seen": self.tokens_seen, "train_loss": self.last_train.get("loss"),
+        "tokens_seen": self.tokens_seen, "train_loss": train_loss,
         "val_loss": self.last_eval.get("val_loss"), "val_ppl": self.last_eval.get("val_ppl"),
         "val_bpb": self.last_eval.get("val_bpb"), "best_val_loss": self.best_val,
         "tokens_per_sec": tok_s,
@@ -272,11 +281,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         trainer.save(force=final)
       if stop.received is not None:
         status = f"interrupted by {stop.name}"
-        trainer.log()
-        trainer.save(force=True)
+        trainer.save(force=True)  # the open logging interval goes on after the resume
         trainer.say(f"{status} at step {step}: checkpoint saved; rerun the same command to "
                     "resume")
         break
     if not trainer.last_eval:  # nothing to train: report the restored state
-      trainer.evaluate()
+      trainer.evaluate(record=trainer.global_step > trainer.start_step)
     return trainer.finish(status)

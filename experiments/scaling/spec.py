@@ -282,7 +282,10 @@ def isoflop_runs(budgets: Sequence[float], shapes: Sequence[Shape], model: Model
 def load_sweep(path: str) -> Sweep:
   """The Sweep that the file's get_sweep() returns."""
   if not os.path.isfile(path):
-    raise SweepError(f"sweep file not found: {path!r} (sweeps live in experiments/sweeps/)")
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps")
+    names = sorted(n[:-3] for n in os.listdir(here) if n.endswith(".py") and n != "__init__.py")
+    raise SweepError(f"sweep file not found: {path!r}; the sweeps in experiments/sweeps/ are "
+                     f"{', '.join(names)}")
   spec = importlib.util.spec_from_file_location(
       f"_sweep_{abs(hash(os.path.abspath(path)))}", path)
   if spec is None or spec.loader is None:

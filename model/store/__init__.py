@@ -14,12 +14,15 @@ checkpoint.py (orbax items, one restore), files.py (atomic writes).
 from model.store.checkpoint import (
     JSON_ITEMS,
     Checkpoint,
+    CheckpointError,
     LoadedParams,
     all_steps,
     checkpoint_items,
     checkpoint_manager,
+    error_cause,
     latest_step,
     load_params,
+    quarantine,
     restore,
     save_params,
     with_shardings,
@@ -38,6 +41,7 @@ from model.store.workdir import (
     WorkdirError,
     checkpoint_dir,
     config_path,
+    ensure_writable,
     has_config,
     load_model_config,
     load_tokenizer,
@@ -46,10 +50,11 @@ from model.store.workdir import (
 )
 
 __all__ = [
-    "CHECKPOINT_DIR", "CONFIG_FILE", "JSON_ITEMS", "ByteTokenizer", "Checkpoint", "HFTokenizer",
-    "LoadedParams", "SentencePieceTokenizer", "Tokenizer", "WorkdirError", "all_steps",
-    "atomic_open", "atomic_path", "checkpoint_dir", "checkpoint_items", "checkpoint_manager",
-    "config_path", "copy_file", "has_config", "latest_step", "load_model_config",
-    "load_params", "load_tokenizer", "read_config", "restore", "save_params",
+    "CHECKPOINT_DIR", "CONFIG_FILE", "JSON_ITEMS", "ByteTokenizer", "Checkpoint",
+    "CheckpointError", "HFTokenizer", "LoadedParams", "SentencePieceTokenizer", "Tokenizer",
+    "WorkdirError", "all_steps", "atomic_open", "atomic_path", "checkpoint_dir",
+    "checkpoint_items", "checkpoint_manager", "config_path", "copy_file", "ensure_writable",
+    "error_cause", "has_config", "latest_step", "load_model_config", "load_params",
+    "load_tokenizer", "quarantine", "read_config", "restore", "save_params",
     "tokenizer_from_spec", "with_shardings", "write_config", "write_json",
 ]

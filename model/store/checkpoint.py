@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,6 +36,32 @@ from model.sharding import param_shardings
 from model.store.workdir import CHECKPOINT_DIR, WorkdirError, checkpoint_dir, load_model_config
 
 JSON_ITEMS = ("meta", "data")
+DAMAGED_SUFFIX = ".damaged"
+
+
+class CheckpointError(WorkdirError):
+  """A checkpoint step cannot be read (a damaged or missing item) or written."""
+
+  def __init__(self, message: str, step: int | None = None):
+    super().__init__(message)
+    self.step = step
+
+
+def error_cause(error: BaseException) -> str:
+  """The root of a storage error in a few words: 'No space left on device', or the first line
+  of the innermost exception (orbax wraps TensorStore's own message)."""
+  chain = [error]
+  while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+    chain.append(nxt)
+  for e in chain:
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code:
+      return os.strerror(int(code.group(1)))
+  root = chain[-1]
+  if isinstance(root, OSError) and root.strerror:
+    return root.strerror
+  text = " ".join((str(root).strip().splitlines() or [type(root).__name__])[0].split())
+  return text if len(text) <= 200 else text[:197] + "..."
 
 
 def checkpoint_manager(workdir: str, *, max_to_keep: int | None = 3,
@@ -122,8 +149,9 @@ def restore(workdir: str, step: int | None = None, *, items: Sequence[str] = ("p
   present = checkpoint_items(workdir, step)
   missing = [name for name in items if name not in present]
   if missing:
-    raise WorkdirError(f"checkpoint {step} of {workdir!r} holds no {missing} item(s); it holds "
-                       f"{sorted(present)}")
+    raise CheckpointError(f"checkpoint {step} of {workdir!r} is damaged: it holds no "
+                          f"{missing} item(s), only {sorted(present)}; complete steps: {steps}",
+                          step)
   wanted = list(items) + [name for name in optional if name in present and name not in items]
   cfg = None
   args = {}
@@ -138,9 +166,27 @@ def restore(workdir: str, step: int | None = None, *, items: Sequence[str] = ("p
       cfg = cfg or load_model_config(workdir)
       target = _model_target(cfg, name, shardings)
     args[name] = ocp.args.StandardRestore(target)
+  restored = {}
   with ocp.CheckpointManager(checkpoint_dir(workdir)) as mngr:
-    restored = mngr.restore(step, args=ocp.args.Composite(**args))
-  return Checkpoint(step, {name: restored[name] for name in wanted})
+    for name, arg in args.items():  # one at a time: an error names the item
+      try:
+        restored[name] = mngr.restore(step, args=ocp.args.Composite(**{name: arg}))[name]
+      except Exception as e:  # orbax and TensorStore raise many kinds for a damaged file
+        raise CheckpointError(f"checkpoint {step} of {workdir!r} is damaged: item {name!r} "
+                              f"cannot be read ({error_cause(e)}); complete steps: {steps}",
+                              step) from None
+  return Checkpoint(step, restored)
+
+
+def quarantine(workdir: str, step: int) -> str:
+  """Move a damaged step aside (checkpoints/<step>.damaged): kept for inspection, invisible
+  to orbax, so the step number is free again. Returns the new path."""
+  path = os.path.join(checkpoint_dir(workdir), str(step))
+  target, n = path + DAMAGED_SUFFIX, 1
+  while os.path.exists(target):
+    target, n = f"{path}{DAMAGED_SUFFIX}.{n}", n + 1
+  os.replace(path, target)
+  return target
 
 
 @dataclasses.dataclass

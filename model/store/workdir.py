@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any
 
 from model.config import ModelConfig
@@ -37,6 +38,18 @@ def checkpoint_dir(workdir: str) -> str:
 
 def has_config(workdir: str) -> bool:
   return os.path.isfile(config_path(workdir))
+
+
+def ensure_writable(workdir: str) -> None:
+  """Create `workdir` if needed and check that files can be written in it."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"workdir {workdir!r} is a file, not a directory; choose another one")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from None
 
 
 def write_config(workdir: str, model_cfg: ModelConfig, tokenizer: Tokenizer,
