@@ -2,7 +2,10 @@
 
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,15 +14,29 @@ from safetensors.numpy import load_file, save_file
 
 import model
 import model.hf
-from model.hf import CheckpointError, UnsupportedModelError
-from model.hf.safetensors_io import parse_size
+from model.hf import CheckpointError, UnsupportedModelError, safetensors_io
+from model.hf.convert import export_workdir, import_to_workdir
+from model.hf.safetensors_io import INDEX_NAME, WEIGHTS_NAME, parse_size
+from model.hf.tokenizer import special_ids
 from tests import hf_testlib as lib
 from tests.conftest import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
   return lib.save(lib.hf_model("llama"), str(tmp_path_factory.mktemp("hf") / "llama"))
+
+
+@pytest.fixture(scope="module")
+def llama_workdir(llama_dir, tmp_path_factory):
+  """A workdir imported from llama_dir (with the tiny BPE tokenizer), for export."""
+  root = tmp_path_factory.mktemp("workdir")
+  lib.train_tokenizer(str(root / "tokenizer.json"))
+  workdir = str(root / "llama")
+  import_to_workdir(llama_dir, workdir, tokenizer_path=str(root / "tokenizer.json"))
+  return workdir
 
 
 def edited_copy(src, dst, *, config=None, tensors=None):
@@ -159,3 +176,108 @@ def test_export_token_ids_must_be_in_the_vocabulary(tmp_path):
     model.hf.save(cfg, {}, str(tmp_path), token_ids={"eos_token_id": [3, 500]})
   with pytest.raises(ValueError, match="unknown field"):
     model.hf.save(cfg, {}, str(tmp_path), token_ids={"eos": 3})
+
+
+BAD_JSON = {"invalid": ('{"vocab_size": 96,', r"is not valid JSON: Expecting"),
+            "array": ("[1, 2]", "must hold a JSON object, not an array")}
+
+
+@pytest.mark.parametrize("content", list(BAD_JSON))
+@pytest.mark.parametrize("file", ["config.json", INDEX_NAME, "generation_config.json",
+                                  "tokenizer_config.json"])
+def test_malformed_json_names_the_file(llama_dir, tmp_path, file, content):
+  path = edited_copy(llama_dir, tmp_path / "hf")
+  text, problem = BAD_JSON[content]
+  (tmp_path / "hf" / file).write_text(text)
+  with pytest.raises(CheckpointError, match=re.escape(os.path.join(path, file)) + " " + problem):
+    if file.endswith(("generation_config.json", "tokenizer_config.json")):
+      special_ids(path, lambda text: None, lib.VOCAB)
+    else:
+      model.hf.load(path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 5], ids=["half", "5-bytes"])
+def test_truncated_safetensors_names_the_file(llama_dir, tmp_path, keep):
+  path = edited_copy(llama_dir, tmp_path / "hf")
+  weights = os.path.join(path, WEIGHTS_NAME)
+  os.truncate(weights, int(os.path.getsize(weights) * keep) if keep < 1 else keep)
+  with pytest.raises(CheckpointError, match=f"cannot read {re.escape(weights)} \\(truncated"):
+    model.hf.load(path)
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "nested-parent", "no-weight-map"])
+def test_index_weight_map_is_checked_before_any_shard_is_opened(llama_dir, tmp_path, where,
+                                                                monkeypatch):
+  """Shards named outside --hf_dir are refused; the file does exist there, so only the check
+  stops it from being read."""
+  path = edited_copy(llama_dir, tmp_path / "hf")
+  os.makedirs(tmp_path / "x")
+  outside = str(tmp_path / "x" / WEIGHTS_NAME)
+  shutil.move(os.path.join(path, WEIGHTS_NAME), outside)
+  file = {"parent": f"../x/{WEIGHTS_NAME}", "absolute": outside,
+          "nested-parent": f"sub/../../x/{WEIGHTS_NAME}", "no-weight-map": None}[where]
+  with safetensors_io.safe_open(outside, framework="numpy") as handle:
+    tensors = list(handle.keys())
+  index = {"metadata": {}} if file is None else {"weight_map": {n: file for n in tensors}}
+  with open(os.path.join(path, INDEX_NAME), "w") as f:
+    json.dump(index, f)
+
+  def no_open(*args, **kwargs):
+    raise AssertionError(f"opened {args[0]}")
+
+  monkeypatch.setattr(safetensors_io, "safe_open", no_open)
+  match = ("'weight_map' must be an object" if file is None else
+           re.escape(f"= {file!r} is not a file inside the model directory"))
+  with pytest.raises(CheckpointError, match=re.escape(os.path.join(path, INDEX_NAME)) + ".*"
+                     + match):
+    model.hf.load(path)
+
+
+def test_export_refuses_a_non_empty_out_dir(llama_workdir, tmp_path):
+  out = tmp_path / "out"
+  os.makedirs(out)
+  (out / "notes.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match=f"{re.escape(str(out))} is not empty.*--overwrite"):
+    export_workdir(llama_workdir, str(out))
+  assert os.listdir(out) == ["notes.txt"]
+  assert export_workdir(llama_workdir, str(out), overwrite=True) == "LlamaForCausalLM"
+  assert {"notes.txt", "config.json", WEIGHTS_NAME} <= set(os.listdir(out))
+  os.makedirs(tmp_path / "empty")  # an existing empty directory is fine
+  export_workdir(llama_workdir, str(tmp_path / "empty"))
+  assert os.path.exists(tmp_path / "empty" / WEIGHTS_NAME)
+  with pytest.raises(FileExistsError, match="is a file"):
+    export_workdir(llama_workdir, str(out / "notes.txt"), overwrite=True)
+
+
+def cli_error(*args) -> str:
+  """Run `python -m model.hf ARGS`; check exit 1 and one `error:` line, no traceback."""
+  out = subprocess.run([sys.executable, "-m", "model.hf", *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 1, (out.returncode, out.stderr[-3000:])
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
+  return lines[0]
+
+
+def test_cli_bad_input_is_one_error_line(llama_dir, llama_workdir, tmp_path):
+  truncated = edited_copy(llama_dir, tmp_path / "truncated")
+  weights = os.path.join(truncated, WEIGHTS_NAME)
+  os.truncate(weights, os.path.getsize(weights) // 2)
+  line = cli_error("import", f"--hf_dir={truncated}", f"--workdir={tmp_path / 'w1'}")
+  assert f"cannot read {weights}" in line
+  bad_json = edited_copy(llama_dir, tmp_path / "bad_json")
+  (tmp_path / "bad_json" / "config.json").write_text("{")
+  line = cli_error("import", f"--hf_dir={bad_json}", f"--workdir={tmp_path / 'w2'}")
+  assert f"{bad_json}/config.json is not valid JSON" in line
+  unreadable = edited_copy(llama_dir, tmp_path / "unreadable")  # an OSError, not a ValueError
+  os.remove(os.path.join(unreadable, "config.json"))
+  os.makedirs(os.path.join(unreadable, "config.json"))
+  line = cli_error("import", f"--hf_dir={unreadable}", f"--workdir={tmp_path / 'w3'}")
+  assert "Is a directory" in line and f"{unreadable}/config.json" in line
+  assert not any(os.path.exists(tmp_path / w) for w in ("w1", "w2", "w3"))
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "notes.txt").write_text("mine")
+  line = cli_error("export", f"--workdir={llama_workdir}", f"--out_dir={tmp_path / 'out'}")
+  assert "is not empty" in line and "--overwrite" in line
+  assert os.listdir(tmp_path / "out") == ["notes.txt"]

@@ -3,7 +3,10 @@
   python -m model.hf import --hf_dir=PATH --workdir=runs/NAME [--dtype=bfloat16]
       [--tokenizer=PATH] [--set attention_impl=chunked] [--overwrite]
   python -m model.hf export --workdir=runs/NAME --out_dir=PATH [--step=N]
-      [--architecture=LlamaForCausalLM] [--dtype=bfloat16] [--max_shard_size=5GB]
+      [--architecture=LlamaForCausalLM] [--dtype=bfloat16] [--max_shard_size=5GB] [--overwrite]
+
+Bad input (a missing or malformed file, an unsupported model, a workdir or
+out_dir already in use) prints one `error: ...` line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from absl import app, flags, logging
 
 from model.config import parse_field_overrides
 from model.counting import count_params
-from model.hf import convert
+from model.hf import CheckpointError, UnsupportedModelError, convert
 from model.hf.safetensors_io import DEFAULT_MAX_SHARD_SIZE
 
 COMMANDS = ("import", "export")
@@ -28,7 +31,8 @@ flags.DEFINE_string("tokenizer", None, "import: a tokenizer.json / tokenizer.mod
                     "directory holding one) to use instead of the model directory's.")
 flags.DEFINE_multi_string("set", [], "import: override a ModelConfig field, e.g. "
                           "--set attention_impl=chunked --set scan_layers=false.")
-flags.DEFINE_bool("overwrite", False, "import: replace a model already in --workdir.")
+flags.DEFINE_bool("overwrite", False, "import: replace a model already in --workdir; export: "
+                  "write into a non-empty --out_dir.")
 flags.DEFINE_integer("step", None, "export: checkpoint step (default: the latest).")
 flags.DEFINE_string("architecture", None, "export: GPT2LMHeadModel, LlamaForCausalLM, "
                     "MistralForCausalLM or Phi3ForCausalLM (default: chosen from the config).")
@@ -45,7 +49,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
   try:
     return _run(argv[1])
-  except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad input: say what, no trace
+  # Bad input: say what, no trace. CheckpointError and UnsupportedModelError are ValueErrors
+  # (named for the reader); OSError covers FileExistsError, FileNotFoundError, PermissionError.
+  except (CheckpointError, UnsupportedModelError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
 
@@ -65,7 +71,7 @@ def _run(command: str) -> int:
     raise app.UsageError("--set applies to import only")
   arch = convert.export_workdir(FLAGS.workdir, FLAGS.out_dir, step=FLAGS.step,
                                 architecture=FLAGS.architecture, dtype=FLAGS.dtype,
-                                max_shard_size=FLAGS.max_shard_size)
+                                max_shard_size=FLAGS.max_shard_size, overwrite=FLAGS.overwrite)
   print(f"exported {FLAGS.workdir} -> {FLAGS.out_dir} as {arch}")
   return 0
 

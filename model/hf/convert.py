@@ -5,6 +5,9 @@
            workdir/tokenizer.json (or tokenizer.model), workdir/checkpoints/0/params
   export   a workdir's latest (or given) checkpoint -> config.json + safetensors +
            the tokenizer file; LoRA adapters in the checkpoint are merged into the weights
+
+Neither replaces anything unasked: import refuses a workdir that already holds a
+model, export a non-empty out_dir, unless `overwrite=True` (`--overwrite`).
 """
 
 from __future__ import annotations
@@ -43,9 +46,15 @@ def import_to_workdir(hf_dir: str, workdir: str, *, dtype: str | None = None,
 
 def export_workdir(workdir: str, out_dir: str, *, step: int | None = None,
                    architecture: str | None = None, dtype: str | None = None,
-                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> str:
+                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                   overwrite: bool = False) -> str:
   """Write a workdir's checkpoint as an HF model directory (LoRA adapters merged); returns the
-  architecture."""
+  architecture. An existing out_dir must be empty unless `overwrite`."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise FileExistsError(f"{out_dir} is a file, not a directory to export into")
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise FileExistsError(f"{out_dir} is not empty; choose another out_dir or pass --overwrite "
+                          "to replace the model files in it")
   loaded = store.load_params(workdir, step)
   cfg, params = loaded.cfg, loaded.params
   tokenizer = store.load_tokenizer(workdir)

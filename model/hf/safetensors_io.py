@@ -8,6 +8,10 @@ reads single tensors or slices of them, so a checkpoint is never held in
 memory as a whole. `write_safetensors` streams named tensors into shards of
 at most `max_shard_size` bytes in the same layout.
 
+Bad input raises `CheckpointError` naming the file: a truncated or corrupt
+shard, an index whose `weight_map` names a file outside the directory, a JSON
+file that does not parse or is not an object.
+
 numpy has no bfloat16 of its own; importing `ml_dtypes` (a jax dependency)
 registers it, and safetensors then reads and writes BF16 tensors as numpy
 arrays.
@@ -15,6 +19,7 @@ arrays.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import ml_dtypes  # noqa: F401  (registers numpy's 'bfloat16' dtype for safetensors)
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from model.store.files import atomic_path, write_json
@@ -52,21 +57,26 @@ class SafetensorsReader:
     self._shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
       handle = self._open(file)
-      for name in handle.keys():
-        if index is None or index.get(name) == file:
-          self._file_of[name] = file
-          self._shapes[name] = tuple(handle.get_slice(name).get_shape())
+      with _reading(self._path(file)):
+        for name in handle.keys():
+          if index is None or index.get(name) == file:
+            self._file_of[name] = file
+            self._shapes[name] = tuple(handle.get_slice(name).get_shape())
     missing = sorted(set(index or ()) - set(self._shapes))
     if missing:
       raise CheckpointError(f"{hf_dir}/{INDEX_NAME} lists tensor(s) its shard files do not "
                             f"contain: {missing[:5]}")
 
+  def _path(self, file: str) -> str:
+    return os.path.join(self.hf_dir, file)
+
   def _open(self, file: str):
     if file not in self._handles:
-      path = os.path.join(self.hf_dir, file)
+      path = self._path(file)
       if not os.path.exists(path):
         raise CheckpointError(f"checkpoint shard {path} is missing (named by {INDEX_NAME})")
-      self._handles[file] = safe_open(path, framework="numpy")
+      with _reading(path):
+        self._handles[file] = safe_open(path, framework="numpy")
     return self._handles[file]
 
   def names(self) -> list[str]:
@@ -83,12 +93,14 @@ class SafetensorsReader:
   def read(self, name: str, *, axis: int = 0, span: tuple[int, int] | None = None) -> np.ndarray:
     """The tensor `name`, or only its entries span[0]:span[1] along `axis` (read from disk)."""
     shape = self.shape(name)
-    handle = self._open(self._file_of[name])
-    if span is None or (span[0] == 0 and span[1] == shape[axis]):
-      return handle.get_tensor(name)
-    index = [slice(None)] * len(shape)
-    index[axis] = slice(*span)
-    return handle.get_slice(name)[tuple(index)]
+    file = self._file_of[name]
+    handle = self._open(file)
+    with _reading(self._path(file), name):
+      if span is None or (span[0] == 0 and span[1] == shape[axis]):
+        return handle.get_tensor(name)
+      index = [slice(None)] * len(shape)
+      index[axis] = slice(*span)
+      return handle.get_slice(name)[tuple(index)]
 
   def close(self):
     self._handles.clear()
@@ -100,13 +112,24 @@ class SafetensorsReader:
     self.close()
 
 
+@contextlib.contextmanager
+def _reading(path: str, tensor: str | None = None):
+  """safetensors' errors on a truncated or corrupt file -> CheckpointError naming the file."""
+  try:
+    yield
+  except (SafetensorError, OSError) as e:
+    what = f"tensor {tensor!r} of " if tensor else ""
+    raise CheckpointError(f"cannot read {what}{path} (truncated or not a safetensors file?): "
+                          f"{e}") from None
+
+
 def _checkpoint_files(hf_dir: str) -> tuple[list[str], dict[str, str] | None]:
   """The safetensors files of hf_dir, and the index's {tensor name: file} (None: one file)."""
   if not os.path.isdir(hf_dir):
     raise CheckpointError(f"Hugging Face model directory {hf_dir!r} does not exist")
   index_path = os.path.join(hf_dir, INDEX_NAME)
   if os.path.exists(index_path):
-    index = dict(read_json(index_path)["weight_map"])
+    index = _weight_map(index_path)
     return sorted(set(index.values())), index
   if os.path.exists(os.path.join(hf_dir, WEIGHTS_NAME)):
     return [WEIGHTS_NAME], None
@@ -119,6 +142,25 @@ def _checkpoint_files(hf_dir: str) -> tuple[list[str], dict[str, str] | None]:
   raise CheckpointError(f"{hf_dir} has no {WEIGHTS_NAME} and no {INDEX_NAME}"
                         + (f" (found several .safetensors files: {files})" if files else "")
                         + hint)
+
+
+def _weight_map(index_path: str) -> dict[str, str]:
+  """The index's {tensor name: shard file}, every file a relative path inside its directory.
+
+  Checked lexically, not with realpath: the Hugging Face cache's snapshot files are
+  symlinks into a blobs/ directory beside the snapshot, and those are fine.
+  """
+  weight_map = read_json(index_path).get("weight_map")
+  if not isinstance(weight_map, dict) or not all(
+      isinstance(v, str) and v for v in weight_map.values()):
+    raise CheckpointError(f"{index_path}: 'weight_map' must be an object of tensor name -> "
+                          "shard file name")
+  for name, file in weight_map.items():
+    parts = os.path.normpath(file).split(os.sep)
+    if os.path.isabs(file) or parts[0] in (os.pardir, os.curdir):
+      raise CheckpointError(f"{index_path}: weight_map[{name!r}] = {file!r} is not a file "
+                            "inside the model directory; shards must be relative paths in it")
+  return weight_map
 
 
 def parse_size(size: int | str) -> int:
@@ -175,10 +217,25 @@ def write_safetensors(out_dir: str, tensors: Sequence[tuple[str, tuple[int, ...]
   return names
 
 
+JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "a boolean", type(None): "null"}
+
+
 def read_json(path: str, *, required: bool = True) -> dict:
+  """The JSON object in `path` ({} when it is absent and not `required`).
+
+  A missing required file, a file that is not valid JSON and one that holds
+  something other than an object raise CheckpointError naming the file.
+  """
   if not os.path.exists(path):
     if required:
       raise CheckpointError(f"{path} does not exist")
     return {}
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      obj = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(obj, dict):
+    raise CheckpointError(f"{path} must hold a JSON object, not {JSON_TYPES[type(obj)]}")
+  return obj
