@@ -7,6 +7,7 @@ kernel through the whole model (under scan and remat) are in test_model_transfor
 """
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -193,6 +194,89 @@ def test_chunked_and_xla_equal_dense_forward_and_gradients(case):
     expected, _ = ref.multi_head_attention(*(np.asarray(a[b], np.float64) for a in (q, kk, v)),
                                            _ref_allowed(mask, b, kind))
     np.testing.assert_allclose(np.asarray(out[b]).reshape(t, -1), expected, atol=1e-5)
+
+
+# ---- sliding windows across block edges ----------------------------------------------------
+# The chunked kernel skips the key blocks outside a window by its loop bounds. In KERNEL_CASES
+# (window 3, block 4, T 10) a window edge never meets a block edge, so bounds one block short
+# at either end went unnoticed; here windows 1-5 meet block sizes 1-4.
+WINDOWS, BLOCKS = range(1, 6), (1, 2, 3, 4)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_key_block_range_is_the_span_of_the_allowed_keys(causal):
+  """For T 1-10 queries after 0-3 cached keys, global and local windows 1-5, blocks 1-4: each
+  query block's key-block loop [lo, hi) is exactly the span of the key blocks holding a key it
+  may see (the reference pattern's): nothing allowed is skipped, and no block at either end is
+  visited in vain (a window of W keys costs O(T * W))."""
+  layers = [("global", 0)] + [("local", w) for w in WINDOWS]
+  for t, q_start, (kind, window) in itertools.product(range(1, 11), range(4), layers):
+    s = q_start + t
+    ok_TS = ref.allowed(q_start + np.arange(t), s, kind=kind, causal=causal, window=window)
+    for block in BLOCKS:
+      bq, bk = min(block, t), min(block, s)  # as chunked_attention picks them
+      for first in range(0, t, bq):
+        rows_Q = np.minimum(first + np.arange(bq), t - 1)  # a padded query repeats the last
+        keys = np.flatnonzero(ok_TS[rows_Q].any(0))
+        lo, hi = flash._key_block_range(q_start + rows_Q[None], KIND_IDS[kind], nk=-(-s // bk),
+                                        bk=bk, causal=causal, window=window)
+        assert (int(lo), int(hi)) == (keys[0] // bk, keys[-1] // bk + 1), (
+            f"{kind} window {window}, T {t} after {q_start}, block {block}, queries {first}..")
+
+
+@functools.partial(jax.jit, static_argnames=("cases", "causal"))
+def _chunked_local_sweep(inputs, *, cases, causal):
+  """[(out, dq, dk, dv)] of the chunked kernel, one per static (t, window, block) in `cases`:
+  self-attention of inputs[t] = (q, k, v, do) under a local window. One compilation for all
+  (a jit per case would compile them one by one, and cases sharing T and block share code)."""
+  results = []
+  for t, window, block in cases:
+    q, k, v, do = inputs[t]
+    mask = Mask.build(batch=1, q_slot_BT=np.arange(t)[None], kv_len=t, causal=causal,
+                      kind=KIND_IDS["local"], window=window)
+    out, vjp = jax.vjp(functools.partial(flash.chunked_attention, mask=mask, block=block),
+                       q, k, v)
+    results.append((out, *vjp(do)))
+  return results
+
+
+def _reference_out_and_grads(q_TNH, k_SKH, v_SKH, do_TNH, ok_TS):
+  """NumPy float64: the output of eq. 8.15-8.19 under ok_TS and its gradients (dq, dk, dv) for
+  the cotangent do, through the softmax Jacobian: ds = alpha (dalpha - sum_s alpha dalpha)."""
+  q_TNH, k_SKH, v_SKH, do_TNH = (np.asarray(a, np.float64) for a in (q_TNH, k_SKH, v_SKH, do_TNH))
+  (t, n, h), s, kv = q_TNH.shape, k_SKH.shape[0], k_SKH.shape[1]
+  out, alpha_NTS = ref.multi_head_attention(q_TNH, k_SKH, v_SKH, ok_TS)
+  k_SNH, v_SNH = (np.repeat(a, n // kv, axis=1) for a in (k_SKH, v_SKH))  # head c: kv c // G
+  dalpha_NTS = np.einsum("TNH,SNH->NTS", do_TNH, v_SNH)
+  ds_NTS = alpha_NTS * (dalpha_NTS - (alpha_NTS * dalpha_NTS).sum(-1, keepdims=True))
+  dq_TNH = np.einsum("NTS,SNH->TNH", ds_NTS, k_SNH) / np.sqrt(h)
+  dk_SNH = np.einsum("NTS,TNH->SNH", ds_NTS, q_TNH) / np.sqrt(h)
+  dv_SNH = np.einsum("NTS,TNH->SNH", alpha_NTS, do_TNH)
+  fold = lambda a_SNH: a_SNH.reshape(s, kv, n // kv, h).sum(2)  # sum over each kv head's group
+  return out.reshape(t, n, h), dq_TNH, fold(dk_SNH), fold(dv_SNH)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_chunked_local_window_equals_reference_across_block_edges(causal):
+  """Chunked == the NumPy reference, output and gradients in q, k and v, for every pair of a
+  window 1-5 and a block 1-4: causal for odd window + block, bidirectional for even (each pair
+  costs a compilation; the bounds test above takes every pair both ways). T = 7 + block, + 1
+  if causal: lengths a block divides and lengths that leave it a padded last block. (Window 2,
+  block 4, T 10 with the loop ending or starting one block off was off by 1.6-2.0; here
+  window 2 meets block 4 bidirectionally, at T 11.)"""
+  cases = tuple((7 + block + causal, window, block)
+                for window in WINDOWS for block in BLOCKS if (window + block) % 2 == causal)
+  rng = np.random.RandomState(int(causal))
+  inputs = {t: tuple(jnp.asarray(rng.standard_normal((1, t, n, H)), jnp.float32)
+                     for n in (2, 1, 1, 2))  # q, k, v, do: 2 query heads share 1 kv head
+            for t in sorted({t for t, _, _ in cases})}
+  got = _chunked_local_sweep(inputs, cases=cases, causal=causal)
+  for (t, window, block), got_case in zip(cases, got, strict=True):
+    ok_TS = ref.allowed(np.arange(t), t, kind="local", causal=causal, window=window)
+    want_case = _reference_out_and_grads(*(a[0] for a in inputs[t]), ok_TS)
+    for name, want, have in zip(("out", "dq", "dk", "dv"), want_case, got_case, strict=True):
+      np.testing.assert_allclose(have[0], want, atol=1e-5, err_msg=(
+          f"{name}: window {window}, block {block}, T {t}, causal {causal}"))
 
 
 def test_query_that_sees_nothing_gives_zero_in_every_kernel():

@@ -90,6 +90,38 @@ def test_parametric_objective_gradient_matches_finite_differences():
   np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("delta", [0.01, 0.1])
+def test_parametric_objective_is_the_huber_sum_of_log_residuals(delta):
+  """At a fixed theta the objective is sum_i Huber_delta(ln L_hat(N_i, D_i) - ln L_i), written
+  out here from the definitions with residuals on both sides of delta, for two deltas that are
+  not the default: the objective uses the delta it is given."""
+  a, b, e, alpha, beta = theta = np.array([5.5, 6.5, 0.5, 0.3, 0.25])
+  n, d = np.geomspace(1e6, 1e9, 6), np.geomspace(1e9, 1e7, 6)
+  predicted = np.exp(e) + np.exp(a) / n ** alpha + np.exp(b) / d ** beta  # E + A/N^a + B/D^b
+  r = np.array([-0.25, -0.05, -0.004, 0.002, 0.03, 0.2])  # |r| <= delta for some, not all
+  loss = predicted * np.exp(-r)  # so that ln L_hat - ln L = r
+  expected = sum(0.5 * ri ** 2 if abs(ri) <= delta else delta * (abs(ri) - delta / 2)
+                 for ri in r)
+  value, _ = fits._parametric_objective(theta, np.log(n), np.log(d), np.log(loss), delta)
+  assert value == pytest.approx(expected, rel=1e-9)
+
+
+def test_parametric_fit_resists_an_outlier_by_the_huber_delta():
+  """One run with twice its loss: the default delta (1e-3, nearly L1 on ln L) still recovers
+  the exponents; delta = 1 (above every residual: least squares) is pulled far off. So the
+  delta given to fit_parametric reaches the objective."""
+  n, d = np.meshgrid(np.geomspace(1e7, 1e10, 5), np.geomspace(1e8, 1e12, 5))
+  n, d = n.ravel(), d.ravel()
+  loss = chinchilla_loss(n, d, **CHINCHILLA) * np.exp(
+      np.random.default_rng(0).normal(0, 0.002, n.size))
+  loss[0] *= 2.0  # the smallest model on the fewest tokens
+  robust = fits.fit_parametric(n, d, loss, grid=SMALL_GRID, n_boot=0)
+  squares = fits.fit_parametric(n, d, loss, grid=SMALL_GRID, delta=1.0, n_boot=0)
+  assert abs(robust.alpha.value - CHINCHILLA["alpha"]) < 0.02
+  assert abs(robust.beta.value - CHINCHILLA["beta"]) < 0.02
+  assert abs(squares.alpha.value - CHINCHILLA["alpha"]) > 0.1  # 0.48 for the true 0.34
+
+
 def isoflop_data(law, budgets, per_budget=9, span=8.0, sigma=0.002, seed=0):
   rng = np.random.default_rng(seed)
   a = law["beta"] / (law["alpha"] + law["beta"])
