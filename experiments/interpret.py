@@ -43,12 +43,16 @@ def analyze_workdir(workdir: str, out: str | None = None, *, step: int | None = 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint read at INFO
-
+  store.quiet_orbax_errors()  # a damaged checkpoint is one line of ours
   f = flags.FLAGS
-  analyze_workdir(
-      f.workdir, f.out, step=f.step, no_lora=f.no_lora, prompt=f.prompt, alphabet=f.alphabet,
-      half=f.half, batch=f.batch, seed=f.seed, top_k=f.top_k, bos=f.bos, target=f.target,
-      icl_text=f.icl_text, command="python -m experiments.interpret " + " ".join(sys.argv[1:]))
+  try:
+    analyze_workdir(
+        f.workdir, f.out, step=f.step, no_lora=f.no_lora, prompt=f.prompt, alphabet=f.alphabet,
+        half=f.half, batch=f.batch, seed=f.seed, top_k=f.top_k, bos=f.bos, target=f.target,
+        icl_text=f.icl_text, command="python -m experiments.interpret " + " ".join(sys.argv[1:]))
+  except ValueError as e:  # a missing or damaged workdir, an analysis that does not fit
+    print(f"error: {e}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -286,6 +286,7 @@ def main(argv):
 def _main(f):
   if not f["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    store.quiet_orbax_errors()  # a failed save is one line of ours
   if f.distributed or f.coordinator_address:
     if f.coordinator_address:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -15,6 +15,7 @@ import time
 
 from absl import app, flags, logging
 
+from model import store
 from model.store import WorkdirError
 from sample.generator import Generator
 
@@ -40,6 +41,7 @@ def main(argv):
     raise app.UsageError("--workdir is required (a directory written by `python -m train`)")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+    store.quiet_orbax_errors()  # a damaged checkpoint is one line of ours
   try:
     gen = Generator.from_workdir(FLAGS.workdir, FLAGS.step)
   except WorkdirError as e:

@@ -16,7 +16,6 @@ SIGINT/SIGTERM interrupted it (after saving). Errors are one line on stderr.
 from __future__ import annotations
 
 import ast
-import logging as std_logging
 import signal
 import sys
 import threading
@@ -38,11 +37,6 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-process ru
 
 HELP_ARGS = ("--help", "-help", "-h", "--helpshort", "-?")
 _config = None  # the run config, parsed with the flags
-
-
-class _QuietOrbaxErrors(std_logging.Filter):
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return not (record.levelno >= std_logging.ERROR and "orbax" in record.pathname)
 
 
 class _BackgroundErrors:
@@ -117,8 +111,7 @@ def main(argv):
     raise app.UsageError("--workdir is required (e.g. --workdir=runs/default)")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    # A failed save is reported once, as one line (SaveFailed), not as orbax's thread logs.
-    logging.get_absl_handler().addFilter(_QuietOrbaxErrors())
+    store.quiet_orbax_errors()  # a failed save or restore is one line of ours
   xla_flags.apply()  # before JAX starts its backend: faster CPU kernels (train/xla_flags.py)
   if FLAGS.coordinator_address:
     # CPU processes exchange arrays through gloo; accelerators use their own collectives.
@@ -136,6 +129,11 @@ def main(argv):
   except SaveFailed as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
+  except KeyboardInterrupt:  # a second Ctrl-C: stop now, without saving
+    steps = store.all_steps(FLAGS.workdir)
+    print("error: stopped by a second Ctrl-C without saving; the last good checkpoint is step "
+          f"{steps[-1] if steps else 'none'}", file=sys.stderr)
+    return 128 + signal.SIGINT
   except OSError as e:  # metrics, events, config.json or summary.json could not be written
     steps = store.all_steps(FLAGS.workdir)
     print(f"error: writing {e.filename or FLAGS.workdir} failed ({store.error_cause(e)}); the "

@@ -126,6 +126,8 @@ class Checkpointer:
       self.mngr.wait_until_finished()
     except Exception as e:
       raise self._failed(self.pending_step, e) from None
+    if self.pending_step is not None:
+      store.release_free_memory()  # what the save's writer threads freed
     self.pending_step = None
 
   def close(self) -> None:

@@ -149,13 +149,16 @@ class Trainer:
     self._check_finite()
     rows = self.config.eval_batch_size or self.micro_rows
     byte_lengths_V = jnp.asarray(self.run.data.byte_lengths, jnp.float32)
-    totals = None
+    totals = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
     for batch in eval_batches(self.run.data.val, batch_size=rows,
                               max_batches=self.config.eval_batches):
       out = self.run.eval_step(self.state.params, put_batch(batch, self.run.mesh, rows),
                                byte_lengths_V)
-      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+      # One multi-device program in flight at a time: eval steps do not depend on each other,
+      # and on CPU devices dozens of them queued at once competed for the same threads (a
+      # collective timed out under load). The host sum costs nothing next to a forward pass.
+      for key, value in jax.device_get(out).items():
+        totals[key] += float(value)
     loss = totals["loss_sum"] / max(totals["tokens"], 1.0)
     self.last_eval = {
         "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),

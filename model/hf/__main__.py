@@ -15,6 +15,7 @@ import sys
 
 from absl import app, flags, logging
 
+from model import store
 from model.config import parse_field_overrides
 from model.counting import count_params
 from model.hf import CheckpointError, UnsupportedModelError, convert
@@ -47,6 +48,7 @@ def main(argv):
                          f"got {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
+    store.quiet_orbax_errors()  # a damaged checkpoint is one line of ours
   try:
     return _run(argv[1])
   # Bad input: say what, no trace. CheckpointError and UnsupportedModelError are ValueErrors

@@ -23,6 +23,8 @@ from model.store.checkpoint import (
     latest_step,
     load_params,
     quarantine,
+    quiet_orbax_errors,
+    release_free_memory,
     restore,
     save_params,
     with_shardings,
@@ -55,6 +57,7 @@ __all__ = [
     "WorkdirError", "all_steps", "atomic_open", "atomic_path", "checkpoint_dir",
     "checkpoint_items", "checkpoint_manager", "config_path", "copy_file", "ensure_writable",
     "error_cause", "has_config", "latest_step", "load_model_config", "load_params",
-    "load_tokenizer", "quarantine", "read_config", "restore", "save_params",
-    "tokenizer_from_spec", "with_shardings", "write_config", "write_json",
+    "load_tokenizer", "quarantine", "quiet_orbax_errors", "read_config", "release_free_memory",
+    "restore", "save_params", "tokenizer_from_spec", "with_shardings", "write_config",
+    "write_json",
 ]
