@@ -14,9 +14,10 @@ def docs_of(*lengths):
 
 
 def test_stream_ends_every_document_with_eot():
-  tokens, doc_index = build_stream(docs_of(2, 3), EOT)
-  np.testing.assert_array_equal(tokens, [1, 2, EOT, 11, 12, 13, EOT])
-  np.testing.assert_array_equal(doc_index, [0, 0, 0, 1, 1, 1, 1])
+  stream = build_stream(docs_of(2, 3), EOT)
+  np.testing.assert_array_equal(stream.read(0, len(stream)), [1, 2, EOT, 11, 12, 13, EOT])
+  np.testing.assert_array_equal(stream.starts_between(0, len(stream)), [0, 3])
+  np.testing.assert_array_equal(stream.starts_between(1, 4), [3])
 
 
 def test_document_masking_windows():

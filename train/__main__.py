@@ -75,23 +75,9 @@ def usage() -> str:
   return "\n".join(lines)
 
 
-def _split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
-  """(this module's flags, --config and --config.* arguments); '--config PATH' is joined."""
-  ours, config_args = [argv[0]], []
-  args = iter(argv[1:])
-  for arg in args:
-    if arg in ("--config", "-config"):
-      config_args.append(f"--config={next(args, '')}")
-    elif arg.lstrip("-").startswith(("config=", "config.")):
-      config_args.append("--" + arg.lstrip("-"))
-    else:
-      ours.append(arg)
-  return ours, config_args
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
   global _config
-  ours, config_args = _split_config_args(argv)
+  ours, config_args = config_lib.split_command_line(argv)
   if any(arg in HELP_ARGS for arg in ours[1:]):
     print(usage())
     sys.exit(0)

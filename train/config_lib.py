@@ -201,6 +201,21 @@ def _explain(error: Exception, args: Sequence[str]) -> str:
   return " ".join(str(error).split())
 
 
+def split_command_line(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(the program's other flags, its --config and --config.* arguments), argv[0] first in the
+  former; '--config PATH' becomes '--config=PATH'."""
+  ours, config_args = [argv[0]], []
+  args = iter(argv[1:])
+  for arg in args:
+    if arg in ("--config", "-config"):
+      config_args.append(f"--config={next(args, '')}")
+    elif arg.lstrip("-").startswith(("config=", "config.")):
+      config_args.append("--" + arg.lstrip("-"))
+    else:
+      ours.append(arg)
+  return ours, config_args
+
+
 def from_command_line(args: Sequence[str]) -> ml_collections.ConfigDict:
   """The validated config of `--config=FILE` and its `--config.key=value` overrides."""
   config = _parse(args)
@@ -333,7 +348,7 @@ RESUMABLE_KEYS = (
     "num_steps", "log_every", "eval_every", "eval_batches", "eval_batch_size",
     "checkpoint_every", "keep_checkpoints", "async_checkpoints", "progress_bar", "tensorboard",
     "peak_flops", "sample_prompt", "sample_tokens", "sample_temperature", "batch_size",
-    "grad_accum_steps", "mesh_shape", "init_from", "optim.*", "data.cache_dir",
+    "grad_accum_steps", "mesh_shape", "init_from", "optim.*", "data.cache_dir", "data.workers",
     *(f"model.{name}" for name in RUNTIME_FIELDS))
 
 

@@ -1,9 +1,14 @@
-"""The data path: corpus -> tokenizer -> cached tokens -> packed windows -> grain batches.
+"""The data path: corpus -> tokenizer -> prepared shards -> packed windows -> grain batches.
 
   data = prepare_data(config, workdir)             # tokenizer in the workdir, splits packed
   it = train_iterator(data.train, batch_size=32, accum=1, seed=0)
   batch = next(it)                                  # dict of [A, B_local, T] numpy arrays
   state = it.get_state()                            # saved in checkpoints ('data' item)
+
+The tokens come from prepared shards (train/prepare.py): config.data.prepared names a
+directory made by `python -m train.prepare`; otherwise the corpus is prepared here, into
+data.cache_dir under a key of the sources (names, sizes, times), the split settings and
+the tokenizer, so a second run (any workdir) reuses the shards and the tokenizer.
 
 Batches are laid out [A, b, T]: A gradient-accumulation micro-steps of b rows.
 Every process builds the same global order (a seeded shuffle of all windows,
@@ -15,9 +20,11 @@ not depend on the number of processes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
-import time
+import shutil
 
 import grain
 import jax
@@ -25,12 +32,20 @@ import ml_collections
 import numpy as np
 
 from model import store
-from train import corpus as corpus_lib
 from train import tokenizer as tok_lib
+from train.corpus import Corpus
 from train.packing import PackedWindows
-from train.token_cache import TokenCache, file_digest, make_key
+from train.prepare import (
+    PrepareError,
+    Sources,
+    open_prepared,
+    prepare,
+    prepared_tokenizer,
+    tokenizer_fingerprint,
+)
+from train.shards import TokenStream, is_url, local_path
 
-TOKENIZER_FILE = "tokenizer.model"
+CACHE_ENV_VAR = "TRANSFORMER_LAB_CACHE"
 
 
 @dataclasses.dataclass
@@ -39,8 +54,18 @@ class PreparedData:
   train: PackedWindows
   val: PackedWindows
   byte_lengths: np.ndarray   # [V] bytes per token id (for bits per byte)
-  description: str           # what was read, skipped, cached
-  cache_hit: bool            # the token arrays came from the cache
+  description: str           # what was read, skipped, prepared
+  cache_hit: bool            # the shards existed already (prepared before)
+
+
+def default_cache_dir() -> str:
+  return os.environ.get(CACHE_ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache",
+                                                       "transformer-lab")
+
+
+def make_key(*parts) -> str:
+  payload = json.dumps(parts, sort_keys=True, default=str).encode()
+  return hashlib.sha256(payload).hexdigest()[:32]
 
 
 def _tokenizer_settings(tcfg: ml_collections.ConfigDict) -> dict:
@@ -48,82 +73,106 @@ def _tokenizer_settings(tcfg: ml_collections.ConfigDict) -> dict:
                                "character_coverage", "max_train_chars")}
 
 
-def load_or_train_tokenizer(tcfg: ml_collections.ConfigDict, workdir: str, train_docs,
-                            corpus_key: str, cache: TokenCache) -> store.Tokenizer:
-  """The workdir's tokenizer if it has one (resume), else the cached or a freshly trained one."""
+def _given_tokenizer(config, workdir: str, tokenizer: store.Tokenizer | None):
+  """The tokenizer the tokens must come from: the given one (a LoRA base's), the workdir's
+  (a resumed run), the byte tokenizer; None means train one as config.tokenizer says."""
+  if tokenizer is not None:
+    return tokenizer
   if store.has_config(workdir):
     return store.load_tokenizer(workdir)
-  if tcfg.kind == "byte":
+  if config.tokenizer.kind == "byte":
     return store.ByteTokenizer()
-  target = os.path.join(workdir, TOKENIZER_FILE)
-  key = make_key("tokenizer", corpus_key, _tokenizer_settings(tcfg))
-  cached = cache.tokenizer_path(key)
-  if not os.path.exists(cached):
-    t0 = time.time()
-    trained = tok_lib.train_sentencepiece(
-        [d.text for d in train_docs], cached, model_type=tcfg.model_type,
-        vocab_size=tcfg.vocab_size, byte_fallback=tcfg.byte_fallback,
-        character_coverage=tcfg.character_coverage, max_chars=tcfg.max_train_chars)
-    logging.info("trained a %s tokenizer (%d pieces) in %.1fs", tcfg.model_type,
-                 trained.vocab_size, time.time() - t0)
-  store.copy_file(cached, target)
-  return store.SentencePieceTokenizer(target)
+  return None
 
 
-def _tokenizer_identity(tokenizer: store.Tokenizer) -> str:
+def _prepared_dir(config, sources: Sources, tokenizer) -> str:
+  """Where this corpus, split and tokenizer are prepared in the cache."""
+  dcfg = config.data
+  identity = (tokenizer_fingerprint(tokenizer) if tokenizer is not None else
+              _tokenizer_settings(config.tokenizer))
+  corpus = Corpus(list(sources.corpus), sources.jsonl_field).signature()
+  val = Corpus(list(sources.val_corpus), sources.jsonl_field).signature() if (
+      sources.val_corpus) else None
+  key = make_key(corpus, val, dataclasses.asdict(sources), identity)
+  return os.path.join(dcfg.cache_dir or default_cache_dir(), "prepared", key)
+
+
+def _install(tokenizer: store.Tokenizer, workdir: str) -> store.Tokenizer:
+  """The tokenizer with its file in the workdir (the sampler reads it from there)."""
   path = getattr(tokenizer, "path", None)
-  return file_digest(path) if path else repr(tokenizer.spec())
+  if path is None or os.path.dirname(os.path.abspath(path)) == os.path.abspath(workdir):
+    return tokenizer
+  store.copy_file(path, os.path.join(workdir, os.path.basename(path)))
+  return store.tokenizer_from_spec(tokenizer.spec(), workdir)
 
 
-def _encode_all(tokenizer: store.Tokenizer, docs) -> list[np.ndarray]:
-  texts = [d.text for d in docs]
-  if isinstance(tokenizer, store.SentencePieceTokenizer):
-    ids = tokenizer.sp.encode(texts, num_threads=os.cpu_count() or 1)
-  else:
-    ids = [tokenizer.encode(t) for t in texts]
-  return [np.asarray(x, np.int32) for x in ids]
+def _describe(corpus: dict) -> str:
+  text = (f"corpus: {corpus['documents']:,} documents, {corpus['bytes'] / 1e6:.2f} MB from "
+          f"{corpus['sources']}")
+  if corpus["skipped"]:
+    text += "; skipped: " + ", ".join(f"{n} {why}" for why, n in sorted(
+        corpus["skipped"].items()))
+  return text
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str,
-                 tokenizer: store.Tokenizer | None = None) -> PreparedData:
-  """Read, split, tokenize (or load from the cache) and pack the corpus of config.data.
+                 tokenizer: store.Tokenizer | None = None, *, progress: bool = False
+                 ) -> PreparedData:
+  """The windows of the training and validation splits, and the tokenizer (put in workdir).
 
   `tokenizer` (a fine-tune's base tokenizer) replaces the workdir's or a trained one.
   """
   dcfg = config.data
-  corpus = corpus_lib.read_corpus(dcfg.corpus, jsonl_field=dcfg.jsonl_field)
-  train_docs, val_docs = corpus_lib.split_documents(corpus.documents, dcfg.val_fraction,
-                                                    chunk_chars=dcfg.split_chunk_chars)
-  corpus_key = make_key(corpus.fingerprint(), dcfg.val_fraction, dcfg.split_chunk_chars)
-  cache = TokenCache(dcfg.cache_dir or None)
-  if tokenizer is None:
-    tokenizer = load_or_train_tokenizer(config.tokenizer, workdir, train_docs, corpus_key, cache)
-  if tokenizer.eos_id is None:
+  given = _given_tokenizer(config, workdir, tokenizer)
+  if dcfg.prepared:
+    root = dcfg.prepared if is_url(dcfg.prepared) else os.path.abspath(
+        local_path(dcfg.prepared))
+    manifest = open_prepared(root)
+    if given is not None and tokenizer_fingerprint(given) != manifest["tokenizer"][
+        "fingerprint"]:
+      raise PrepareError(f"config.data.prepared={dcfg.prepared!r} was made with another "
+                         "tokenizer than this run's (the workdir's or the base model's); "
+                         "prepare the corpus with this tokenizer: python -m train.prepare "
+                         f"--tokenizer={workdir} --out=...")
+    hit = True
+  else:
+    sources = Sources.from_config(dcfg)
+    root = _prepared_dir(config, sources, given)
+    done = prepare(root, sources, tokenizer=given, tokenizer_config=config.tokenizer,
+                   workers=dcfg.workers or os.cpu_count() or 1, progress=progress,
+                   log=lambda m: None)
+    manifest, hit = done.manifest, done.reused
+    try:
+      for split in ("train", "val"):
+        TokenStream.open(root, split, manifest)
+    except (OSError, ValueError) as e:  # a cache entry damaged on disk: make it again
+      logging.warning("the prepared tokens in %s are damaged (%s); preparing them again",
+                      root, e)
+      shutil.rmtree(root)
+      done = prepare(root, sources, tokenizer=given, tokenizer_config=config.tokenizer,
+                     workers=dcfg.workers or os.cpu_count() or 1, progress=progress,
+                     log=lambda m: None)
+      manifest, hit = done.manifest, False
+  chosen = given or prepared_tokenizer(root, manifest)
+  if given is None and not is_url(root):
+    chosen = _install(chosen, workdir)
+  if chosen.eos_id is None:
     raise ValueError("the tokenizer has no eos_id; packing ends each document with one")
   # Padding is outside the loss mask and the documents' segments, so any id will do; imported
   # tokenizers (GPT-2, Llama) often have no pad token.
-  pad_id = tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id
-  tokens_key = make_key("tokens", corpus_key, _tokenizer_identity(tokenizer))
-  splits, hit = {}, True
-  for split, docs in (("train", train_docs), ("val", val_docs)):
-    cached = cache.get_tokens(tokens_key, split)
-    if cached is None or len(cached) != len(docs):
-      hit = False
-      cached = _encode_all(tokenizer, docs)
-      cache.put_tokens(tokens_key, split, cached, tokenizer.vocab_size)
-    splits[split] = cached
+  pad_id = chosen.eos_id if chosen.pad_id is None else chosen.pad_id
 
-  def pack(docs):
-    return PackedWindows.from_documents(docs, seq_len=dcfg.seq_len, eot_id=tokenizer.eos_id,
-                                        pad_id=pad_id,
-                                        document_masking=dcfg.document_masking)
+  def windows(split):
+    return PackedWindows(TokenStream.open(root, split, manifest), dcfg.seq_len, pad_id,
+                         dcfg.document_masking)
 
-  train, val = pack(splits["train"]), pack(splits["val"])
-  description = (f"corpus: {corpus.describe()}\n"
-                 f"split: {len(train_docs)} train / {len(val_docs)} validation documents; "
-                 f"{train.num_target_tokens:,} / {val.num_target_tokens:,} tokens "
-                 f"({'cached' if hit else 'tokenized'}, {cache.root})")
-  return PreparedData(tokenizer, train, val, tok_lib.token_byte_lengths(tokenizer), description,
+  train, val = windows("train"), windows("val")
+  splits = manifest["splits"]
+  description = "\n".join(_describe(c) for c in manifest["corpus"]) + (
+      f"\nsplit: {splits['train']['pieces']:,} train / {splits['val']['pieces']:,} "
+      f"validation pieces; {train.num_target_tokens:,} / {val.num_target_tokens:,} tokens "
+      f"({'prepared before' if hit else 'tokenized now'}, {root})")
+  return PreparedData(chosen, train, val, tok_lib.token_byte_lengths(chosen), description,
                       hit)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -110,7 +109,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *,
           log: Callable[[str], None] = say) -> Run:
   """Build (or restore) the run `config` (validated: load_config or from_command_line)."""
   config = copy.deepcopy(config)
-  workdir = os.path.abspath(workdir)
+  workdir = store.resolve(workdir)
   store.ensure_writable(workdir)
   check_resume(config, workdir)
   mesh = make_mesh(tuple(int(s) for s in config.mesh_shape))

@@ -48,6 +48,7 @@ from model.store.workdir import (
     load_model_config,
     load_tokenizer,
     read_config,
+    resolve,
     write_config,
 )
 
@@ -58,6 +59,6 @@ __all__ = [
     "checkpoint_items", "checkpoint_manager", "config_path", "copy_file", "ensure_writable",
     "error_cause", "has_config", "latest_step", "load_model_config", "load_params",
     "load_tokenizer", "quarantine", "quiet_orbax_errors", "read_config", "release_free_memory",
-    "restore", "save_params", "tokenizer_from_spec", "with_shardings", "write_config",
-    "write_json",
+    "resolve", "restore", "save_params", "tokenizer_from_spec", "with_shardings",
+    "write_config", "write_json",
 ]

@@ -36,6 +36,18 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
+def resolve(workdir: str) -> str:
+  """An absolute local path for a workdir given as a path, '~/...' or a file:// URL. Other
+  URLs are refused: orbax writes checkpoints only to local paths and gs:// here, and the
+  rest of a workdir (metrics, events) is written as local files."""
+  if workdir.startswith("file://"):
+    workdir = workdir[len("file://"):]
+  elif "://" in workdir:
+    raise WorkdirError(f"workdir {workdir!r}: a workdir must be a local path (or file://); "
+                       "put the corpus or the prepared shards behind the URL instead")
+  return os.path.abspath(os.path.expanduser(workdir))
+
+
 def has_config(workdir: str) -> bool:
   return os.path.isfile(config_path(workdir))
 

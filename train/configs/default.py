@@ -36,12 +36,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample_temperature = 0.8
 
   c.data = ml_collections.ConfigDict()
-  c.data.corpus = "stdlib"      # 'stdlib' or comma-separated files / directories / globs / .jsonl
-  c.data.jsonl_field = "text"
-  c.data.val_fraction = 0.05    # by a hash of each document's name
+  c.data.corpus = "stdlib"      # 'stdlib', files, directories, globs, URLs, hf:NAME (comma list)
+  c.data.val_corpus = ""        # a validation corpus ('' -> a hash split of data.corpus)
+  c.data.prepared = ""          # shards from `python -m train.prepare` ('' -> prepared here)
+  c.data.jsonl_field = "text"   # the text field of .jsonl records, parquet columns, hf datasets
+  c.data.val_fraction = 0.05    # by a hash of each document piece's name
   c.data.split_chunk_chars = 0  # > 0: cut longer documents into pieces before the split
   c.data.seq_len = 256
   c.data.document_masking = True
+  c.data.workers = 0            # tokenizer processes when preparing (0: one per CPU core)
   c.data.cache_dir = ""         # '' -> $TRANSFORMER_LAB_CACHE or ~/.cache/transformer-lab
 
   c.tokenizer = ml_collections.ConfigDict()
