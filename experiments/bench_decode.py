@@ -1,8 +1,10 @@
-"""Decode throughput of the sampler: tokens/s at batch 1 and 8, random weights, float32.
+"""Decode throughput of the sampler: tokens/s at batch 1 and 8, random weights, --dtype.
 
   python -m experiments.bench_decode                      # nanogpt-baby and gpt2-small
   python -m experiments.bench_decode --presets=gpt2-small --batches=1 --repeats=5
   python -m experiments.bench_decode --reference           # + Hugging Face generate() here
+  python -m experiments.bench_decode --presets=gpt2-small --dtype=bfloat16 --attention_impl=auto
+      # an accelerator (experiments/accelerator_check.sh)
 
 Greedy decoding of --new_tokens tokens after an 8-token prompt (fewer when the
 model's context is shorter), timed after a compile/warm-up run; prints the best
@@ -37,6 +39,8 @@ flags.DEFINE_integer("prompt_len", 8, "Prompt tokens per row.")
 flags.DEFINE_integer("repeats", 5, "Timed runs per setting.")
 flags.DEFINE_bool("reference", False, "Also time Hugging Face transformers generate().")
 flags.DEFINE_integer("threads", 0, "torch threads for --reference (0: torch's default).")
+flags.DEFINE_string("dtype", "float32", "ModelConfig.dtype (compute and KV cache) of the sampler.")
+flags.DEFINE_string("attention_impl", "", "ModelConfig.attention_impl ('': the preset's).")
 
 
 def _load() -> str:
@@ -98,11 +102,12 @@ def time_reference(cfg, batch, prompt_len, new_tokens, repeats):
 
 def main(argv):
   del argv
-  print(f"# decode throughput, float32, greedy; {_load()}")
+  print(f"# decode throughput, {FLAGS.dtype}, greedy; {_load()}")
   print(f"{'model':14s} {'params':>8s} {'batch':>5s} {'new':>5s} {'impl':>9s} "
         f"{'best tok/s':>11s} {'median tok/s':>13s} {'tok/CPU-s':>10s}")
   for name in FLAGS.presets:
-    cfg = model.get_preset(name)
+    impl = {"attention_impl": FLAGS.attention_impl} if FLAGS.attention_impl else {}
+    cfg = model.get_preset(name, dtype=FLAGS.dtype, **impl)
     new = min(FLAGS.new_tokens, cfg.max_seq_len - FLAGS.prompt_len)
     n_params = model.count_params(cfg).total
     for batch in (int(b) for b in FLAGS.batches):

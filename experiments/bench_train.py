@@ -3,16 +3,19 @@
   python -m experiments.bench_train                       # both presets of the issue
   python -m experiments.bench_train --presets=nanogpt-baby --torch   # + PyTorch eager reference
   python -m experiments.bench_train --remat=none --attention_impl=dense   # the plain model
+  python -m experiments.bench_train --presets=gpt2-small --dtype=bfloat16 --attention_impl=auto
+      # an accelerator (experiments/accelerator_check.sh)
 
 Presets and shapes (dropout 0): nanogpt-baby, batch 12 x 64 tokens;
-shakespeare-char, batch 64 x 256 tokens. The step timed is the one training
+shakespeare-char, batch 64 x 256 tokens; gpt2-small, batch 16 x 1024 tokens (for
+accelerators). The step timed is the one training
 uses (`train.steps.make_train_step`: AdamW, clipping, the non-finite guard,
 one jit with donated state) on random tokens.
 
 MFU = tokens/s x model.flops_per_token(cfg, T) / peak, where the peak is the
-float32 matmul rate measured in the same process between timing rounds (the
-machine is shared: each round's MFU uses the peak measured next to it, and the
-load average is printed). Recomputation (remat) is not counted as model FLOPs.
+matmul rate in the compute dtype (--dtype) measured in the same process between
+timing rounds (the machine is shared: each round's MFU uses the peak measured
+next to it, and the load average is printed). Recomputation (remat) is not counted as model FLOPs.
 
 Implementation knobs (they do not change the model's math): --remat (default
 'dots': keep the matmul outputs, recompute the rest of each block in the
@@ -51,12 +54,13 @@ flags.DEFINE_integer("steps", 0, "Steps per timing round (0: about 1 second per 
 flags.DEFINE_integer("rounds", 5, "Timing rounds per preset (a peak measurement between each).")
 flags.DEFINE_string("remat", "dots", "ModelConfig.remat for the timed step.")
 flags.DEFINE_string("attention_impl", "chunked", "ModelConfig.attention_impl for the timed step.")
+flags.DEFINE_string("dtype", "float32", "ModelConfig.dtype (compute) for the timed step and peak.")
 flags.DEFINE_bool("scan_layers", True, "ModelConfig.scan_layers for the timed step.")
 flags.DEFINE_bool("xla_flags", True, "Apply the CPU XLA flags of train/xla_flags.py.")
 flags.DEFINE_bool("torch", False, "Also time a PyTorch eager implementation of the same shapes.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
 
-SHAPES = {"nanogpt-baby": (12, 64), "shakespeare-char": (64, 256)}
+SHAPES = {"nanogpt-baby": (12, 64), "shakespeare-char": (64, 256), "gpt2-small": (16, 1024)}
 
 
 def _load() -> str:
@@ -92,7 +96,8 @@ def _rounds(run_steps, tokens_per_step, flops_per_step, measure_peak):
 
 def bench_jax(name, rows, seq_len):
   cfg = model.get_preset(name, dropout_rate=0.0, attn_dropout_rate=0.0, remat=FLAGS.remat,
-                         attention_impl=FLAGS.attention_impl, scan_layers=FLAGS.scan_layers)
+                         attention_impl=FLAGS.attention_impl, scan_layers=FLAGS.scan_layers,
+                         dtype=FLAGS.dtype)
   ocfg = default.get_config().optim
   tx, schedule = optim_lib.make_optimizer(ocfg, 10_000), optim_lib.make_schedule(ocfg, 10_000)
   mesh = make_mesh((-1, 1, 1))  # data parallel over the local devices
@@ -112,7 +117,7 @@ def bench_jax(name, rows, seq_len):
 
   fpt = model.flops_per_token(cfg, seq_len)
   rounds = _rounds(run_steps, rows * seq_len, fpt * rows * seq_len,
-                   lambda: measure_matmul_peak(seconds=0.3, repeats=2))
+                   lambda: measure_matmul_peak(seconds=0.3, repeats=2, dtype=FLAGS.dtype))
   return cfg, fpt, rounds
 
 
@@ -190,7 +195,7 @@ def _report(label, rounds):
   print(f"  {label:8s} {statistics.median(tps):9,.0f} tok/s (best {max(tps):,.0f})  "
         f"step {statistics.median(r['step_ms'] for r in rounds):7.1f} ms  "
         f"MFU {100 * statistics.median(mfu):5.1f}% median, {100 * mfu[best]:5.1f}% best  "
-        f"(peak {statistics.median(peaks):.0f} GFLOP/s f32 matmul, measured)", flush=True)
+        f"(peak {statistics.median(peaks):.0f} GFLOP/s matmul, measured)", flush=True)
   return {"tokens_per_sec_median": statistics.median(tps), "tokens_per_sec_best": max(tps),
           "mfu_median": statistics.median(mfu), "mfu_best": mfu[best],
           "peak_gflops_median": statistics.median(peaks), "rounds": rounds}
@@ -205,7 +210,8 @@ def main(argv):
              "devices": str(jax.devices()[0]), "presets": {}}
   print(f"{_load()}; {os.cpu_count()} CPUs; jax {jax.__version__} on "
         f"{jax.devices()[0].platform} x {jax.device_count()} devices; remat={FLAGS.remat} "
-        f"attention_impl={FLAGS.attention_impl} scan_layers={FLAGS.scan_layers}; "
+        f"attention_impl={FLAGS.attention_impl} dtype={FLAGS.dtype} "
+        f"scan_layers={FLAGS.scan_layers}; "
         f"XLA_FLAGS={results['xla_flags']!r}", flush=True)
   for name in FLAGS.presets:
     if name not in SHAPES:

@@ -31,15 +31,22 @@ def _kinds_L(cfg: ModelConfig) -> jnp.ndarray:
   return jnp.array([KIND_IDS[k] for k in cfg.layer_kinds], jnp.int32)
 
 
+def _mask(cfg: ModelConfig, **kw) -> Mask:
+  """The model's mask; a window (stride) only where some layer is local (strided), so the
+  kernels that build one pattern per kind (model/kernels.py) know which kinds can occur."""
+  return Mask.build(causal=cfg.causal,
+                    window=cfg.window_size if "local" in cfg.attention_pattern else 0,
+                    stride=cfg.sparse_stride if "strided" in cfg.attention_pattern else 0, **kw)
+
+
 def _init_variables(cfg: ModelConfig, rng):
   # Params do not depend on the kernel; the dense one lets a config for a GPU-only kernel
   # ('cudnn') be initialized, counted, summarized and sharded on any host.
   cfg = cfg.replace(attention_impl="dense")
   tokens_BT = jnp.zeros((1, 1), jnp.int32)
-  slot_BT = jnp.zeros((1, 1), jnp.int32)
-  mask = Mask.build(batch=1, q_slot_BT=slot_BT, kv_len=1, causal=cfg.causal,
-                    window=cfg.window_size, stride=cfg.sparse_stride)
-  return Transformer(cfg).init({"params": rng}, tokens_BT, slot_BT, mask, _kinds_L(cfg))
+  mask = _mask(cfg, batch=1, q_slot_BT=None, kv_len=1)
+  return Transformer(cfg).init({"params": rng}, tokens_BT, jnp.zeros((1, 1), jnp.int32), mask,
+                               _kinds_L(cfg))
 
 
 def init(cfg: ModelConfig, rng) -> dict:
@@ -101,13 +108,10 @@ def apply(cfg: ModelConfig, params, tokens_BT, *, positions_BT=None, segment_ids
     if cfg.position == "learned" and t > cfg.max_seq_len:
       raise ValueError(f"apply: {t} tokens exceed max_seq_len={cfg.max_seq_len} of the learned "
                        "position table")
-    slot_BT = arange_BT
     if positions_BT is None:
       positions_BT = arange_BT if segment_ids_BT is None else pos_lib.positions_from_segments(
           jnp.asarray(segment_ids_BT))
-    mask = Mask.build(batch=b, q_slot_BT=slot_BT, kv_len=t, causal=cfg.causal,
-                      window=cfg.window_size, stride=cfg.sparse_stride,
-                      segment_ids_BT=segment_ids_BT)
+    mask = _mask(cfg, batch=b, q_slot_BT=None, kv_len=t, segment_ids_BT=segment_ids_BT)
     kv, cache_start_B = None, None
   else:
     if segment_ids_BT is not None:
@@ -117,9 +121,8 @@ def apply(cfg: ModelConfig, params, tokens_BT, *, positions_BT=None, segment_ids
     slot_BT = cache_start_B[:, None] + arange_BT
     if positions_BT is None:
       positions_BT = slot_BT
-    mask = Mask.build(batch=b, q_slot_BT=slot_BT, kv_len=cache.max_len, causal=cfg.causal,
-                      window=cfg.window_size, stride=cfg.sparse_stride,
-                      kv_length_B=cache_start_B + t)
+    mask = _mask(cfg, batch=b, q_slot_BT=slot_BT, kv_len=cache.max_len,
+                 kv_length_B=cache_start_B + t)
     kv = (cache.k_LBSKH, cache.v_LBSKH)
   positions_BT = jnp.asarray(positions_BT, jnp.int32)
   if cfg.position == "learned" and not isinstance(positions_BT, jax.core.Tracer):

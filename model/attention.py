@@ -14,8 +14,12 @@ Kernels (ModelConfig.attention_impl):
            softmax, weighted sum of v. Materializes [B, N, T, S].
   chunked  flash-style online softmax over key blocks (`model/flash.py`):
            O(T * block) memory, same outputs and gradients.
-  xla      `jax.nn.dot_product_attention(implementation='xla')`.
-  cudnn    the same call with implementation='cudnn' (NVIDIA GPUs only).
+  xla      `jax.nn.dot_product_attention(implementation='xla')` with the [B, T, S] mask.
+  splash   the Pallas TPU splash kernel (`model/kernels.py`; TPU only).
+  cudnn    cuDNN flash attention through `jax.nn.dot_product_attention`, the mask in
+           cuDNN's own terms (`model/kernels.py`; NVIDIA GPUs only).
+  auto     splash on TPU, cudnn on GPU where it serves the call, chunked otherwise;
+           chosen from jax.devices()[0].platform when the model is traced.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from model import flash
+from model import flash, kernels
 from model.masks import Mask, dense_allowed
 
 
@@ -53,25 +57,26 @@ def dense_attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask, *, dropout_fn=None,
   return o_BTNH
 
 
-def jax_nn_attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask, *, implementation: str):
-  """`jax.nn.dot_product_attention` with the same mask; 'cudnn' needs a GPU."""
-  if implementation == "cudnn" and jax.default_backend() != "gpu":
-    raise ValueError(
-        "attention_impl='cudnn' needs an NVIDIA GPU (backend is "
-        f"{jax.default_backend()!r}); use 'dense', 'chunked' or 'xla' here")
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask):
+  """`jax.nn.dot_product_attention(implementation='xla')` under the whole [B, T, S] mask."""
   ok_BTS = dense_allowed(mask)
   o_BTNH = jax.nn.dot_product_attention(
-      q_BTNH, k_BSKH, v_BSKH, mask=ok_BTS[:, None], implementation=implementation)
+      q_BTNH, k_BSKH, v_BSKH, mask=ok_BTS[:, None], implementation="xla")
   return jnp.where(ok_BTS.any(-1)[:, :, None, None], o_BTNH, 0).astype(q_BTNH.dtype)
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask, *, impl: str = "dense",
               chunk_size: int = 128, dropout_fn=None):
   """Multi-/grouped-query attention of q over (k, v) under `mask`, by `impl`."""
+  impl = kernels.resolve(impl, q_BTNH, mask)
   if impl == "dense":
     return dense_attention(q_BTNH, k_BSKH, v_BSKH, mask, dropout_fn=dropout_fn)
   if impl == "chunked":
     return flash.chunked_attention(q_BTNH, k_BSKH, v_BSKH, mask, block=chunk_size)
-  if impl in ("xla", "cudnn"):
-    return jax_nn_attention(q_BTNH, k_BSKH, v_BSKH, mask, implementation=impl)
+  if impl == "xla":
+    return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask)
+  if impl == "splash":
+    return kernels.splash_attention(q_BTNH, k_BSKH, v_BSKH, mask, block=chunk_size)
+  if impl == "cudnn":
+    return kernels.cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask)
   raise ValueError(f"unknown attention impl {impl!r}")

@@ -20,7 +20,7 @@ NORM_PLACEMENTS = ("pre", "post")
 FFNS = ("relu", "gelu", "gelu_exact", "swiglu", "geglu", "none")
 MLP_LORA_TARGETS = ("up", "gate", "gate_up", "down")
 ATTENTION_KINDS = ("global", "local", "strided")
-ATTENTION_IMPLS = ("dense", "chunked", "xla", "cudnn")
+ATTENTION_IMPLS = ("dense", "chunked", "xla", "splash", "cudnn", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 LORA_TARGETS = ("q", "k", "v", "o", "qkv", "up", "gate", "gate_up", "down")
@@ -70,8 +70,13 @@ class ModelConfig:
     sparse_stride: stride of "strided" layers.
     attention_impl: "dense" (reference, eq. 8.33-8.37), "chunked"
       (flash-style online softmax, O(T * block) memory), "xla"
-      (`jax.nn.dot_product_attention`) or "cudnn" (same, cuDNN kernel; GPU only).
-    attn_chunk_size: query/key block of the chunked kernel.
+      (`jax.nn.dot_product_attention`), "splash" (Pallas TPU kernel; TPU only),
+      "cudnn" (cuDNN flash attention; NVIDIA GPU only) or "auto" (splash on TPU,
+      cudnn on GPU where it serves the call, chunked otherwise; picked from
+      jax.devices()[0].platform when the model is traced). model/kernels.py says
+      which masks the accelerator kernels serve.
+    attn_chunk_size: query/key block of the chunked kernel, and of splash (rounded up
+      to a multiple of 128).
     dropout_rate: dropout on the embeddings and on both residual branches.
     attn_dropout_rate: dropout on the attention weights (dense kernel only).
     scan_layers: stack the blocks' params on a leading L axis and run them with

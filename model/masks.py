@@ -33,6 +33,11 @@ class Mask:
     the batch is not packed.
   kind: attention kind of this layer (GLOBAL, LOCAL or STRIDED); an array so
     that scanned layers can differ.
+  queries_are_keys: the T queries are the T keys themselves (query t at slot t,
+    every key valid): self-attention without a cache. Static, like `segmented`
+    (segment ids were given), for the kernels that take their pattern as
+    compile-time facts (model/kernels.py).
+  Kernels may rely on kv_valid_BS being a prefix of each row (as `build` makes it).
   """
 
   q_slot_BT: jnp.ndarray
@@ -43,6 +48,8 @@ class Mask:
   causal: bool = flax.struct.field(pytree_node=False, default=True)
   window: int = flax.struct.field(pytree_node=False, default=0)
   stride: int = flax.struct.field(pytree_node=False, default=0)
+  queries_are_keys: bool = flax.struct.field(pytree_node=False, default=False)
+  segmented: bool = flax.struct.field(pytree_node=False, default=False)
 
   @classmethod
   def build(cls, *, batch: int, q_slot_BT, kv_len: int, causal: bool = True,
@@ -50,9 +57,13 @@ class Mask:
             kv_length_B=None) -> Mask:
     """Mask for queries at `q_slot_BT` over `kv_len` keys at slots 0..kv_len-1.
 
+    `q_slot_BT=None`: the queries are the keys (slots 0..kv_len-1).
     `segment_ids_BT` (self-attention only: T == kv_len) separates documents;
     `kv_length_B` marks keys at slots >= kv_length_B[b] as empty.
     """
+    queries_are_keys = q_slot_BT is None and kv_length_B is None
+    if q_slot_BT is None:
+      q_slot_BT = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (batch, kv_len))
     kv_slot_S = jnp.arange(kv_len)
     if kv_length_B is None:
       kv_valid_BS = jnp.ones((batch, kv_len), bool)
@@ -64,7 +75,8 @@ class Mask:
     else:
       q_segment_BT = kv_segment_BS = jnp.asarray(segment_ids_BT, jnp.int32)
     return cls(jnp.asarray(q_slot_BT, jnp.int32), kv_valid_BS, q_segment_BT, kv_segment_BS,
-               jnp.asarray(kind, jnp.int32), causal, window, stride)
+               jnp.asarray(kind, jnp.int32), causal, window, stride, queries_are_keys,
+               segment_ids_BT is not None)
 
   def with_kind(self, kind) -> Mask:
     return self.replace(kind=jnp.asarray(kind, jnp.int32))
