@@ -4,6 +4,8 @@ A frozen (hashable) dataclass, so it can be a static argument of `jax.jit`.
 It is validated at construction: a bad value raises `ValueError` naming the
 field. Derived sizes (`kv_heads`, `head_size`, `ffn_size`) are properties so
 that `dataclasses.replace` never leaves a stale derived value behind.
+`RopeScaling` (Llama 3's rescaled RoPE frequencies) is its one nested field: a
+dict in JSON and in `--set`, a frozen dataclass inside.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
@@ -26,8 +28,72 @@ DTYPES = ("float32", "bfloat16", "float16")
 LORA_TARGETS = ("q", "k", "v", "o", "qkv", "up", "gate", "gate_up", "down")
 # Fields that change how a model runs, not which weights it has or how they are laid out
 # (scan_layers is not one: it stacks the layers' params on one axis or keeps them apart).
+ROPE_SCALING_TYPES = ("llama3",)
 RUNTIME_FIELDS = ("attention_impl", "attn_chunk_size", "dropout_rate", "attn_dropout_rate",
                   "remat", "dtype")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama 3's RoPE frequency rescaling (transformers' rope_type "llama3"; model/positions.py).
+
+  A pair j of wavelength lambda_j = 2 pi / omega_j keeps its frequency omega_j when lambda_j
+  is short (below original_max_position_embeddings / high_freq_factor), is slowed to
+  omega_j / factor when long (above original_max_position_embeddings / low_freq_factor), and
+  is interpolated between the two in between.
+
+  Attributes:
+    factor: how much the longest wavelengths are stretched (8 in Llama 3.1, 32 in 3.2).
+    low_freq_factor, high_freq_factor: bounds of the interpolated band (1 and 4 in Llama 3.x).
+    original_max_position_embeddings: the context the model was pretrained on (8192).
+    rope_type: "llama3", the only kind.
+  """
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: int
+  rope_type: str = "llama3"
+
+  def __post_init__(self):
+    def fail(field, message):
+      raise ValueError(f"ModelConfig.rope_scaling.{field}={getattr(self, field)!r}: {message}")
+
+    if self.rope_type not in ROPE_SCALING_TYPES:
+      fail("rope_type", f"must be one of {ROPE_SCALING_TYPES}")
+    for field in ("factor", "low_freq_factor", "high_freq_factor"):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        fail(field, "must be a positive number")
+    if self.high_freq_factor <= self.low_freq_factor:
+      fail("high_freq_factor", f"must exceed low_freq_factor={self.low_freq_factor} (the "
+           "interpolated band would be empty or inverted)")
+    value = self.original_max_position_embeddings
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      fail("original_max_position_embeddings", "must be a positive integer")
+
+  @classmethod
+  def from_value(cls, value) -> RopeScaling | None:
+    """None, a RopeScaling, or a mapping of its fields (config.json, `--set`, ml_collections)."""
+    if value is None or isinstance(value, cls):
+      return value
+    if not isinstance(value, Mapping):
+      raise ValueError(f"ModelConfig.rope_scaling={value!r}: must be null or a mapping with "
+                       f"keys {_ROPE_SCALING_KEYS}")
+    unknown = sorted(set(value) - set(_ROPE_SCALING_KEYS))
+    missing = [k for k in _ROPE_SCALING_KEYS if k != "rope_type" and k not in value]
+    if unknown or missing:
+      problems = [f"{what} key(s) {keys}" for what, keys in (("unknown", unknown),
+                                                              ("missing", missing)) if keys]
+      raise ValueError(f"ModelConfig.rope_scaling={dict(value)!r}: {', '.join(problems)}; "
+                       f"keys: {_ROPE_SCALING_KEYS}")
+    return cls(**value)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+_ROPE_SCALING_KEYS = tuple(f.name for f in dataclasses.fields(RopeScaling))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +114,8 @@ class ModelConfig:
       the default KV-cache length).
     position: "learned" | "sinusoidal" | "rope" | "none".
     rope_theta: RoPE base frequency.
+    rope_scaling: None (the textbook's RoPE) or a `RopeScaling` (Llama 3's
+      rescaled frequencies); a dict of its fields is accepted and converted.
     norm: "layernorm" (gain and bias) | "rmsnorm" (gain only).
     norm_placement: "pre" (norm inside the residual branch, plus a final norm)
       | "post" (norm after each residual add, as in Vaswani et al. 2017).
@@ -55,6 +123,8 @@ class ModelConfig:
     ffn: "relu" | "gelu" (tanh approximation, GPT-2) | "gelu_exact" |
       "swiglu" | "geglu" | "none" (no MLP sublayer: an attention-only model).
     attn_bias: biases on the q/k/v/o projections.
+    o_bias: with attn_bias, whether the output projection o has one too
+      (False: biases on q/k/v only, the Qwen2 layout); no effect without attn_bias.
     mlp_bias: biases on the feed-forward projections.
     fused_qkv: one [D, (N + 2K) H] projection instead of three (Phi-3 layout).
     fused_gate_up: one [D, 2F] projection for gated FFNs (Phi-3 layout).
@@ -100,11 +170,13 @@ class ModelConfig:
   max_seq_len: int = 256
   position: str = "learned"
   rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
   norm: str = "layernorm"
   norm_placement: str = "pre"
   norm_eps: float = 1e-5
   ffn: str = "gelu"
   attn_bias: bool = True
+  o_bias: bool = True
   mlp_bias: bool = True
   fused_qkv: bool = False
   fused_gate_up: bool = False
@@ -133,6 +205,7 @@ class ModelConfig:
       if isinstance(value, str):
         value = (value,)
       object.__setattr__(self, name, tuple(value))
+    object.__setattr__(self, "rope_scaling", RopeScaling.from_value(self.rope_scaling))
     self._validate()
 
   # ---- derived sizes -------------------------------------------------------
@@ -200,6 +273,8 @@ class ModelConfig:
       fail("d_model", "sinusoidal positions need an even d_model")
     if self.rope_theta <= 0:
       fail("rope_theta", "must be positive")
+    if self.rope_scaling is not None and self.position != "rope":
+      fail("rope_scaling", f"rescales RoPE frequencies; position={self.position!r} has none")
     if self.norm_eps <= 0:
       fail("norm_eps", "must be positive")
     if not self.attention_pattern:
@@ -236,8 +311,12 @@ class ModelConfig:
 
   # ---- serialization -------------------------------------------------------
   def to_dict(self) -> dict[str, Any]:
-    return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-            for f in dataclasses.fields(self)}
+    """JSON-ready: tuples become lists, rope_scaling a dict (or None)."""
+    def plain(v):
+      if isinstance(v, tuple):
+        return list(v)
+      return v.to_dict() if isinstance(v, RopeScaling) else v
+    return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

@@ -65,8 +65,8 @@ class SelfAttention(nn.Module):
     k_BTKH = key.reshape(b, t, k, h)
     v_BTKH = value.reshape(b, t, k, h)
     if cfg.position == "rope":
-      q_BTNH = pos_lib.apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
-      k_BTKH = pos_lib.apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
+      q_BTNH = pos_lib.apply_rope(q_BTNH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
+      k_BTKH = pos_lib.apply_rope(k_BTKH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
     q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "heads", "head_dim"))
 
     if kv is None:
@@ -114,8 +114,8 @@ class SelfAttention(nn.Module):
       keep_BTN = jnp.where(iv.head_mask_LBTN, 0.0, 1.0 if keep_BTN is None else keep_BTN)
     if keep_BTN is not None:
       o_BTNH = o_BTNH * keep_BTN[..., None].astype(o_BTNH.dtype)
-    o_proj = make_linear(cfg, "o", cfg.d_model, ("heads", "embed"), use_bias=cfg.attn_bias,
-                         residual_out=True)
+    o_proj = make_linear(cfg, "o", cfg.d_model, ("heads", "embed"),
+                         use_bias=cfg.attn_bias and cfg.o_bias, residual_out=True)
     out_BTD = o_proj(o_BTNH.reshape(b, t, n * h))
     replaced_BTND = None
     if iv is not None and iv.head_mask_LBTN is not None:

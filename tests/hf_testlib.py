@@ -34,8 +34,17 @@ forward = jax.jit(model.apply, static_argnums=0)
 init = jax.jit(model.init, static_argnums=0)
 
 
+# Llama 3's RoPE scaling for the tiny models: head size 8 and theta 500 give wavelengths 6.3,
+# 29.7, 140 and 664 positions; a pretraining context of 32 puts them in all three of its bands
+# (< 8 kept, 8..32 interpolated, > 32 stretched 8x). transformers wants max_position_embeddings
+# above the original context.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+LLAMA3 = {"rope_parameters": LLAMA3_ROPE, "max_position_embeddings": 128}
+
+
 def hf_config(arch: str, *, kv_heads: int = 2, **overrides):
-  """A tiny transformers config of `arch` ('gpt2', 'llama', 'mistral', 'phi3')."""
+  """A tiny transformers config of `arch` ('gpt2', 'llama', 'mistral', 'phi3', 'qwen2')."""
   if arch == "gpt2":
     base = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                 bos_token_id=0, eos_token_id=0)
@@ -49,11 +58,14 @@ def hf_config(arch: str, *, kv_heads: int = 2, **overrides):
     return transformers.MistralConfig(**{**common, "sliding_window": 4, **overrides})
   if arch == "phi3":
     return transformers.Phi3Config(**{**common, "sliding_window": 5, **overrides})
+  if arch == "qwen2":
+    return transformers.Qwen2Config(**{**common, "rope_theta": 500.0, **overrides})
   raise ValueError(arch)
 
 
 MODEL_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                 "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM"}
+                 "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM"}
 
 
 def hf_model(arch: str, *, seed: int = 0, **config_overrides):

@@ -89,21 +89,38 @@ def sinusoidal(positions, d):
   return pe
 
 
-def rope_matrix(p, h, theta):
-  """R_p [H, H]: rotates each pair of dimensions (j, j + H/2) by p * theta^(-2j/H)."""
+def rope_frequency(j, h, theta, scaling=None):
+  """omega_j = theta^(-2j/H); with Llama 3 scaling, Meta's three cases by wavelength."""
+  omega = theta ** (-2.0 * j / h)
+  if scaling is None:
+    return omega
+  wavelength = 2 * math.pi / omega
+  context = scaling.original_max_position_embeddings
+  if wavelength < context / scaling.high_freq_factor:  # high frequency: kept
+    return omega
+  if wavelength > context / scaling.low_freq_factor:  # low frequency: stretched
+    return omega / scaling.factor
+  smooth = ((context / wavelength - scaling.low_freq_factor)
+            / (scaling.high_freq_factor - scaling.low_freq_factor))
+  return (1 - smooth) * omega / scaling.factor + smooth * omega
+
+
+def rope_matrix(p, h, theta, scaling=None):
+  """R_p [H, H]: rotates each pair of dimensions (j, j + H/2) by p * omega_j."""
   r = np.zeros((h, h))
   for j in range(h // 2):
-    a = p * theta ** (-2.0 * j / h)
+    a = p * rope_frequency(j, h, theta, scaling)
     c, s = math.cos(a), math.sin(a)
     r[j, j], r[j, j + h // 2] = c, -s
     r[j + h // 2, j], r[j + h // 2, j + h // 2] = s, c
   return r
 
 
-def rope(x_TH, positions_T, theta):
+def rope(x_TH, positions_T, theta, scaling=None):
   """Row t of x rotated by R_{positions[t]}: x'_t = R_p x_t."""
   h = x_TH.shape[-1]
-  return np.stack([rope_matrix(p, h, theta) @ x for x, p in zip(x_TH, positions_T, strict=True)])
+  return np.stack([rope_matrix(p, h, theta, scaling) @ x
+                   for x, p in zip(x_TH, positions_T, strict=True)])
 
 
 # ---- masks -----------------------------------------------------------------
@@ -277,8 +294,10 @@ def self_attention(cfg, lp, x_TD, positions_T, ok_TS):
 
   q, kk, v = proj(lp["q"], n), proj(lp["k"], k), proj(lp["v"], k)
   if cfg.position == "rope":
-    q = np.stack([rope(q[:, c], positions_T, cfg.rope_theta) for c in range(n)], axis=1)
-    kk = np.stack([rope(kk[:, c], positions_T, cfg.rope_theta) for c in range(k)], axis=1)
+    q = np.stack([rope(q[:, c], positions_T, cfg.rope_theta, cfg.rope_scaling)
+                  for c in range(n)], axis=1)
+    kk = np.stack([rope(kk[:, c], positions_T, cfg.rope_theta, cfg.rope_scaling)
+                   for c in range(k)], axis=1)
   heads, alpha = multi_head_attention(q, kk, v, ok_TS)
   w_o, b_o = lp["o"]
   return heads @ w_o + (0.0 if b_o is None else b_o), alpha

@@ -16,12 +16,18 @@ import model
 import model.hf
 from model.hf import CheckpointError, UnsupportedModelError, safetensors_io
 from model.hf.convert import export_workdir, import_to_workdir
+from model.hf.hub import is_hub_id
 from model.hf.safetensors_io import INDEX_NAME, WEIGHTS_NAME, parse_size
 from model.hf.tokenizer import special_ids
 from tests import hf_testlib as lib
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+ROPE_MODEL = tiny_config(position="rope", norm="rmsnorm", ffn="swiglu", attn_bias=False,
+                         mlp_bias=False)
+SCALING = {k: v for k, v in lib.LLAMA3_ROPE.items() if k != "rope_theta"}
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +100,43 @@ def test_unexpected_tensor_is_named(llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize("rope,match", [
-    ({"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}, "RoPE scaling 'llama3'"),
+    ({"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}, "RoPE scaling 'yarn'.*'llama3'"),
     ({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
      "partial_rotary_factor=0.5"),
-])
+    ({"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0},
+     r"RoPE scaling 'llama3' .* lacks \['low_freq_factor', 'high_freq_factor', "
+     r"'original_max_position_embeddings'\]"),
+    ({**lib.LLAMA3_ROPE, "high_freq_factor": 1.0},
+     r"Llama: RoPE scaling 'llama3': ModelConfig.rope_scaling.high_freq_factor=1.0: must "
+     "exceed low_freq_factor"),
+], ids=["yarn", "partial", "llama3-incomplete", "llama3-empty-band"])
 def test_unsupported_rope_is_rejected(llama_dir, tmp_path, rope, match):
   path = edited_copy(llama_dir, tmp_path / "rope", config=lambda hf: hf.update(
       rope_parameters=rope))
   with pytest.raises(UnsupportedModelError, match=match):
+    model.hf.load_config(path)
+
+
+def test_llama3_rope_on_mistral_is_rejected(llama_dir, tmp_path):
+  """transformers' Mistral and Phi-3 configs do not carry Llama 3's scaling (4.x)."""
+  path = edited_copy(llama_dir, tmp_path / "mistral", config=lambda hf: hf.update(
+      architectures=["MistralForCausalLM"], model_type="mistral",
+      rope_parameters=lib.LLAMA3_ROPE))
+  with pytest.raises(UnsupportedModelError, match="Mistral: RoPE scaling 'llama3' is supported "
+                     "for LlamaForCausalLM and Qwen2ForCausalLM only"):
+    model.hf.load_config(path)
+
+
+@pytest.mark.parametrize("edit,match", [
+    ({"layer_types": ["full_attention", "sliding_attention"], "use_sliding_window": False},
+     "layer_types has 'sliding_attention' layers but use_sliding_window is false"),
+    ({"layer_types": ["full_attention", "chunked_attention"]},
+     r"layer_types=.* must name 2 layers, each one of \['full_attention', 'sliding_attention'\]"),
+], ids=["sliding-without-window", "unknown-kind"])
+def test_qwen2_layer_types_are_checked(llama_dir, tmp_path, edit, match):
+  path = edited_copy(llama_dir, tmp_path / "qwen2", config=lambda hf: hf.update(
+      architectures=["Qwen2ForCausalLM"], model_type="qwen2", **edit))
+  with pytest.raises(UnsupportedModelError, match=f"Qwen2: {match}"):
     model.hf.load_config(path)
 
 
@@ -113,6 +148,19 @@ def test_phi3_longrope_is_rejected(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(hf))
   with pytest.raises(UnsupportedModelError, match="Phi-3: RoPE scaling 'longrope'"):
     model.hf.load_config(str(tmp_path))
+
+
+def test_hub_ids_and_paths(llama_dir, tmp_path, monkeypatch):
+  """A directory is used as is, and so is what cannot be a hub id (loading it then names the
+  missing path); an id without huggingface_hub installed says how to install it."""
+  assert model.hf.resolve(llama_dir) == llama_dir
+  for path in (str(tmp_path / "nowhere"), "./runs/x", "~/models/x", "a/../b", "a/b/c"):
+    assert not is_hub_id(path) and model.hf.resolve(path) == path
+  assert is_hub_id("meta-llama/Llama-3.2-1B") and is_hub_id("gpt2")
+  monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
+  with pytest.raises(CheckpointError, match=r"^'meta-llama/Llama-3.2-1B' is not a local "
+                     r"directory; .*install huggingface_hub \(pip install huggingface_hub\)$"):
+    model.hf.resolve("meta-llama/Llama-3.2-1B")
 
 
 def test_no_weights_and_no_directory(llama_dir, tmp_path):
@@ -135,7 +183,21 @@ def test_no_weights_and_no_directory(llama_dir, tmp_path):
     (tiny_config(position="rope", norm="rmsnorm", ffn="swiglu", fused_qkv=True), None,
      "Phi-3 has no attention or MLP biases"),
     (tiny_config(), "BertForMaskedLM", "unsupported architecture 'BertForMaskedLM'"),
-], ids=["post-norm", "not-gpt2", "mixed-windows", "phi3-bias", "unknown"])
+    (ROPE_MODEL.replace(attn_bias=True, o_bias=False), "LlamaForCausalLM",
+     r"Llama's attention_bias covers o_proj too \(q/k/v biases only, o_bias=False: "
+     "Qwen2ForCausalLM"),
+    (ROPE_MODEL.replace(attn_bias=True, mlp_bias=True), "Qwen2ForCausalLM",
+     "Qwen2 has no bias on o_proj.*Qwen2 has no MLP biases"),
+    (ROPE_MODEL.replace(attention_pattern=("local", "global"), window_size=4),
+     "Qwen2ForCausalLM", r"Qwen2's layers are global, then local .*; not \('local', 'global'\)"),
+    (ROPE_MODEL.replace(rope_scaling=SCALING, attention_pattern=("local",),
+                        window_size=4), None,
+     r"cannot export as MistralForCausalLM: RoPE scaling \(rope_scaling\) exports as "
+     "LlamaForCausalLM or Qwen2ForCausalLM only"),
+    (ROPE_MODEL.replace(rope_scaling=SCALING), "Phi3ForCausalLM",
+     "RoPE scaling .* exports as LlamaForCausalLM or Qwen2ForCausalLM only"),
+], ids=["post-norm", "not-gpt2", "mixed-windows", "phi3-bias", "unknown", "llama-no-o-bias",
+        "qwen2-o-bias", "qwen2-local-first", "mistral-llama3-rope", "phi3-llama3-rope"])
 def test_unexportable_configs_are_rejected(cfg, arch, match, tmp_path):
   with pytest.raises(UnsupportedModelError, match=match):  # before any parameter is read
     model.hf.save(cfg, {}, str(tmp_path), architecture=arch)

@@ -25,6 +25,9 @@ CASES = {  # name: (arch, config overrides, import overrides)
     "llama-fused": ("llama", {"kv_heads": 2}, {"fused_qkv": True, "fused_gate_up": True}),
     "mistral": ("mistral", {"kv_heads": 2}, {"scan_layers": False}),
     "phi3-split": ("phi3", {"kv_heads": 2}, {"fused_qkv": False, "fused_gate_up": False}),
+    "llama3-rope-scaling": ("llama", {"kv_heads": 2, **lib.LLAMA3}, {}),
+    "qwen2-sliding": ("qwen2", {"kv_heads": 2, "use_sliding_window": True, "sliding_window": 4,
+                                "max_window_layers": 1}, {"scan_layers": False}),
 }
 
 
@@ -55,7 +58,9 @@ def test_default_export_architecture(imported):
   chosen = {case: model.hf.export_architecture(imported[case][0]) for case in CASES}
   assert chosen == {"gpt2": "GPT2LMHeadModel", "llama-bias-tied": "LlamaForCausalLM",
                     "llama-fused": "Phi3ForCausalLM",  # a fused, bias-free Llama is a Phi-3
-                    "mistral": "MistralForCausalLM", "phi3-split": "MistralForCausalLM"}
+                    "mistral": "MistralForCausalLM", "phi3-split": "MistralForCausalLM",
+                    "llama3-rope-scaling": "LlamaForCausalLM",
+                    "qwen2-sliding": "Qwen2ForCausalLM"}  # q/k/v biases without an o bias
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -69,6 +74,18 @@ def test_import_export_import_round_trip_is_exact(imported, case, tmp_path):
   assert all(jax.tree.leaves(same))
 
 
+def test_llama3_rope_scaling_is_written_in_both_spellings(imported, tmp_path):
+  """5.x reads rope_parameters, 4.x rope_theta + rope_scaling; 5.x also lets rope_scaling
+  replace rope_parameters (rope_theta then from the top level): all three agree."""
+  cfg, params, _ = imported["llama3-rope-scaling"]
+  model.hf.save(cfg, params, str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    hf_cfg = json.load(f)
+  assert hf_cfg["rope_parameters"] == lib.LLAMA3_ROPE and hf_cfg["rope_theta"] == 500.0
+  assert hf_cfg["rope_scaling"] == {k: v for k, v in lib.LLAMA3_ROPE.items() if k != "rope_theta"}
+  assert lib.reload("llama", str(tmp_path)).config.rope_parameters == lib.LLAMA3_ROPE
+
+
 @pytest.mark.parametrize("arch,cfg", [
     # A nanoGPT-style model (no biases: exported as zero biases) as GPT-2.
     ("gpt2", tiny_config(vocab_size=lib.VOCAB, attn_bias=False, mlp_bias=False, init_std=0.3)),
@@ -76,7 +93,13 @@ def test_import_export_import_round_trip_is_exact(imported, case, tmp_path):
     ("llama", tiny_config(vocab_size=lib.VOCAB, position="rope", norm="rmsnorm", ffn="swiglu",
                           n_kv_heads=2, attn_bias=False, mlp_bias=False, tie_embeddings=False,
                           init_std=0.3, rope_theta=100.0)),
-], ids=["gpt2", "llama"])
+    # GPT-2 always has a c_proj bias: written as zeros for a model without one.
+    ("gpt2", tiny_config(vocab_size=lib.VOCAB, o_bias=False, init_std=0.3)),
+    # Biases on q/k/v only (o_bias=False) are Qwen2's layout.
+    ("qwen2", tiny_config(vocab_size=lib.VOCAB, position="rope", norm="rmsnorm", ffn="swiglu",
+                          n_kv_heads=2, o_bias=False, mlp_bias=False, tie_embeddings=False,
+                          init_std=0.3)),
+], ids=["gpt2", "llama", "gpt2-no-o-bias", "qwen2"])
 def test_models_of_this_project_export(arch, cfg, tmp_path):
   params = lib.init(cfg, jax.random.PRNGKey(1))
   assert model.hf.save(cfg, params, str(tmp_path)) == lib.MODEL_CLASSES[arch]

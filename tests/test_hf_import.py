@@ -1,11 +1,13 @@
 """model.hf.load: logits of imported tiny random HF models equal transformers' (float32, eager).
 
-Covers GPT-2, Llama (GQA, MHA, MQA with biases and a tied head), Mistral and
-Phi-3 (sliding windows shorter than the sequence), scanned and unrolled layers,
+Covers GPT-2, Llama (GQA, MHA, MQA with biases and a tied head, Llama 3's RoPE
+scaling), Mistral and Phi-3 (sliding windows shorter than the sequence), Qwen2
+(q/k/v biases without an o bias; global and per-layer sliding layers), scanned and unrolled layers,
 fused and split projections, sharded checkpoints, bfloat16 checkpoints, the
 original GPT-2 naming, and placement straight onto a mesh.
 """
 
+import dataclasses
 import json
 import os
 
@@ -17,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 import model
 import model.hf
+from model.config import RopeScaling
 from model.sharding import make_mesh, param_shardings
 from tests import hf_testlib as lib
 
@@ -31,6 +34,12 @@ CASES = {  # name: (arch, config overrides)
     "mistral-mha": ("mistral", {"kv_heads": 4}),
     "phi3-gqa": ("phi3", {"kv_heads": 2}),
     "phi3-mha": ("phi3", {"kv_heads": 4}),
+    "llama3-rope-scaling": ("llama", {"kv_heads": 2, **lib.LLAMA3}),
+    "qwen2-gqa": ("qwen2", {"kv_heads": 2}),
+    # layer 0 global, layer 1 a window of 4 keys (transformers: i >= max_window_layers slides)
+    "qwen2-sliding-mqa-tied": ("qwen2", {"kv_heads": 1, "use_sliding_window": True,
+                                         "sliding_window": 4, "max_window_layers": 1,
+                                         "tie_word_embeddings": True}),
 }
 
 
@@ -72,6 +81,49 @@ def test_imported_configs_say_what_the_checkpoints_are(checkpoints):
   assert mistral.layer_kinds == ("local", "local") and mistral.window_size == 4
   phi3 = model.hf.load_config(checkpoints["phi3-gqa"][0])
   assert phi3.fused_qkv and phi3.fused_gate_up and phi3.window_size == 5
+  llama3 = model.hf.load_config(checkpoints["llama3-rope-scaling"][0])
+  assert llama3.rope_theta == 500.0 and llama3.rope_scaling == RopeScaling(
+      factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+  assert llama.rope_scaling is None
+  qwen2 = model.hf.load_config(checkpoints["qwen2-gqa"][0])
+  assert (qwen2.attn_bias, qwen2.o_bias, qwen2.mlp_bias) == (True, False, False)
+  assert qwen2.attention_pattern == ("global",)
+  sliding = model.hf.load_config(checkpoints["qwen2-sliding-mqa-tied"][0])
+  assert sliding.layer_kinds == ("global", "local") and sliding.window_size == 4
+
+
+def test_llama3_rope_scaling_changes_the_logits(checkpoints):
+  """The scaled frequencies, not the plain ones, give transformers' logits (so the parity
+  above checks the scaling), and each band of it matters: a pretraining context that moves
+  the band edges (16 or 64 instead of 32) gives other logits too."""
+  path, reference = checkpoints["llama3-rope-scaling"]
+  cfg, params = model.hf.load(path)
+  assert max_diff(cfg, params, reference) <= TOL
+  assert max_diff(cfg.replace(rope_scaling=None), params, reference) > 1e-2
+  for context in (16, 64):
+    moved = dataclasses.replace(cfg.rope_scaling, original_max_position_embeddings=context)
+    assert max_diff(cfg.replace(rope_scaling=moved), params, reference) > 1e-2
+
+
+def test_qwen2_sliding_layer_is_hf_window_exactly(checkpoints, tmp_path):
+  """Only layer 1 slides, over exactly `sliding_window` keys. A config.json without
+  layer_types (older transformers) gets them from transformers' rule: layer i slides when
+  use_sliding_window and i >= max_window_layers."""
+  path, reference = checkpoints["qwen2-sliding-mqa-tied"]
+  cfg, params = model.hf.load(path)
+  assert max_diff(cfg, params, reference) <= TOL
+  for wrong in (cfg.replace(attention_pattern=("global",)),
+                cfg.replace(attention_pattern=("local",)),
+                cfg.replace(window_size=cfg.window_size + 1)):
+    assert max_diff(wrong, params, reference) > 1e-2
+  with open(os.path.join(path, "config.json")) as f:
+    hf = json.load(f)
+  assert hf.pop("layer_types") == ["full_attention", "sliding_attention"]
+  for max_window_layers, kinds in ((1, ("global", "local")), (0, ("local", "local")),
+                                   (2, ("global", "global"))):
+    (tmp_path / "config.json").write_text(json.dumps({**hf,
+                                                      "max_window_layers": max_window_layers}))
+    assert model.hf.load_config(str(tmp_path)).layer_kinds == kinds
 
 
 def test_sliding_window_is_hf_window_exactly(checkpoints):
@@ -157,6 +209,15 @@ def test_config_json_spellings_of_rope(checkpoints, tmp_path):
   hf.update(rope_theta=1234.0, rope_scaling=None)
   (tmp_path / "config.json").write_text(json.dumps(hf))
   assert model.hf.load_config(str(tmp_path)).rope_theta == 1234.0
+  # Llama 3.x as transformers 4.x writes it (Llama-3.2-1B's config.json): rope_theta on top,
+  # rope_scaling without it; the same config as 5.x's rope_parameters.
+  path, _ = checkpoints["llama3-rope-scaling"]
+  with open(os.path.join(path, "config.json")) as f:
+    hf = json.load(f)
+  scaling = {k: v for k, v in hf.pop("rope_parameters").items() if k != "rope_theta"}
+  hf.update(rope_theta=500.0, rope_scaling=scaling)
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  assert model.hf.load_config(str(tmp_path)) == model.hf.load_config(path)
 
 
 def test_scanned_params_are_model_stack_layers_of_the_unrolled_ones(checkpoints):

@@ -7,6 +7,7 @@ checkpoint.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -77,6 +78,54 @@ def test_cli_import_makes_a_workdir_that_sample_runs_on_text(hf_dirs, tmp_path):
                           text=True, timeout=300)
   assert failed.returncode == 1 and "Traceback" not in failed.stderr
   assert f"error: {tmp_path}/config.json does not exist" in failed.stderr
+
+
+def fake_hub_cache(cache, repo_id: str, src: str) -> str:
+  """A Hugging Face hub cache at `cache` holding the directory src as repo_id's main revision,
+  in huggingface_hub's layout: models--ORG--NAME/refs/main names a commit and
+  models--ORG--NAME/snapshots/<commit>/ holds the files. Returns the snapshot directory."""
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  repo = cache / ("models--" + repo_id.replace("/", "--"))
+  snapshot = repo / "snapshots" / commit
+  shutil.copytree(src, snapshot)
+  (repo / "refs").mkdir()
+  (repo / "refs" / "main").write_text(commit)
+  return str(snapshot)
+
+
+def test_cli_import_by_hub_id_from_the_local_cache_offline(hf_dirs, tmp_path):
+  """--hf_dir=ORG/NAME with HF_HUB_OFFLINE=1 takes the model from the local HF cache (here a
+  tiny random Llama 3 with its llama3 RoPE scaling); an id that is not cached is one line."""
+  hf = lib.hf_model("llama", seed=3, **lib.LLAMA3)
+  src = lib.save(hf, str(tmp_path / "src"))
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(hf_dirs["llama"], name), src)
+  home = tmp_path / "hf_home"
+  snapshot = fake_hub_cache(home / "hub", "tiny-org/Tiny-Llama-3", src)
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home),
+         "HF_HUB_CACHE": str(home / "hub")}
+  workdir = str(tmp_path / "runs" / "llama3")
+  out = subprocess.run([sys.executable, "-m", "model.hf", "import",
+                        "--hf_dir=tiny-org/Tiny-Llama-3", f"--workdir={workdir}"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  source = store.read_config(workdir)["source"]
+  assert (source["hub_id"], source["hf_dir"]) == ("tiny-org/Tiny-Llama-3", snapshot)
+  loaded = store.load_params(workdir)
+  assert loaded.cfg.rope_scaling.original_max_position_embeddings == 32
+  logits_BTV, _ = lib.forward(loaded.cfg, loaded.params, lib.tokens())
+  assert np.abs(np.asarray(logits_BTV) - lib.logits(hf, lib.tokens())).max() <= 1e-4
+
+  failed = subprocess.run([sys.executable, "-m", "model.hf", "import",
+                           "--hf_dir=tiny-org/Not-Cached", f"--workdir={tmp_path / 'other'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+  assert failed.stderr.strip().splitlines() == [
+      "error: 'tiny-org/Not-Cached' is not a local directory, the Hugging Face hub is switched "
+      f"off (HF_HUB_OFFLINE=1), and the model is not in the local HF cache {home / 'hub'}: "
+      "download it where the hub is reachable (hf download tiny-org/Not-Cached) or pass its "
+      "directory"]
+  assert not os.path.exists(tmp_path / "other")
 
 
 def test_tokenizer_round_trips_text_through_the_workdir(hf_dirs, tmp_path):

@@ -7,8 +7,11 @@ import jax
 import pytest
 
 from model import PRESETS, ModelConfig, get_preset
+from model.config import RopeScaling
 from tests.conftest import tiny_config
 
+LLAMA3 = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}  # Llama 3.2's
 # (overrides, the field the error must name, words of the message)
 INVALID = [
     (dict(n_heads=4, n_kv_heads=3), "n_kv_heads", "divisible"),
@@ -35,6 +38,20 @@ INVALID = [
     (dict(position="rope", n_heads=4, head_dim=5), "head_dim", "even head size"),
     (dict(position="sinusoidal", d_model=33, n_heads=3), "d_model", "even d_model"),
     (dict(rope_theta=0.0), "rope_theta", "positive"),
+    (dict(rope_scaling=dict(LLAMA3, factor=0.0), position="rope"), r"rope_scaling\.factor",
+     "positive number"),
+    (dict(rope_scaling=dict(LLAMA3, high_freq_factor=1.0), position="rope"),
+     r"rope_scaling\.high_freq_factor", "exceed low_freq_factor"),
+    (dict(rope_scaling=dict(LLAMA3, original_max_position_embeddings=8.5), position="rope"),
+     r"rope_scaling\.original_max_position_embeddings", "positive integer"),
+    (dict(rope_scaling=dict(LLAMA3, rope_type="yarn"), position="rope"),
+     r"rope_scaling\.rope_type", "llama3"),
+    (dict(rope_scaling={"factor": 8.0}, position="rope"), "rope_scaling",
+     r"missing key\(s\) \['low_freq_factor', 'high_freq_factor', 'original_max_position_"),
+    (dict(rope_scaling=dict(LLAMA3, theta=1.0), position="rope"), "rope_scaling",
+     r"unknown key\(s\) \['theta'\]; keys"),
+    (dict(rope_scaling=8.0, position="rope"), "rope_scaling", "mapping"),
+    (dict(rope_scaling=LLAMA3), "rope_scaling", "position='learned' has none"),
     (dict(norm_eps=0.0), "norm_eps", "positive"),
     (dict(attention_pattern=()), "attention_pattern", "at least one"),
     (dict(attention_pattern=("global", "sparse")), "attention_pattern", "unknown kind 'sparse'"),
@@ -74,10 +91,12 @@ def test_valid_edge_cases():
 
 def test_round_trips_through_dict_and_json():
   cfg = tiny_config(n_kv_heads=2, attention_pattern=("global", "local"), window_size=4,
-                    lora_rank=2, lora_targets=("q", "v"), dtype="bfloat16")
+                    lora_rank=2, lora_targets=("q", "v"), dtype="bfloat16", position="rope",
+                    rope_scaling=LLAMA3, o_bias=False)
   assert ModelConfig.from_dict(cfg.to_dict()) == cfg
   assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
   assert json.loads(json.dumps(cfg.to_dict()))["attention_pattern"] == ["global", "local"]
+  assert cfg.to_dict()["rope_scaling"] == {**LLAMA3, "rope_type": "llama3"}
   for name, preset in PRESETS.items():
     assert ModelConfig.from_dict(json.loads(json.dumps(preset.to_dict()))) == preset, name
   with pytest.raises(ValueError, match=r"unknown field\(s\) \['d_modle'\]"):
@@ -102,6 +121,14 @@ def test_frozen_hashable_and_a_static_jit_argument():
   jitted(a.replace(d_model=64, n_heads=4), 1.0)
   assert len(traces) == 2
   assert a.replace(d_ff=100).ffn_size == 100 and a.ffn_size == 128  # no stale derived values
+  # rope_scaling: a dict becomes a frozen RopeScaling (an int factor is the same config)
+  scaled = tiny_config(position="rope", rope_scaling={**LLAMA3, "factor": 32})
+  assert isinstance(scaled.rope_scaling, RopeScaling) and scaled.rope_scaling.factor == 32.0
+  assert scaled == tiny_config(position="rope", rope_scaling=RopeScaling(**LLAMA3))
+  assert hash(scaled) == hash(tiny_config(position="rope", rope_scaling=LLAMA3))
+  assert scaled != scaled.replace(rope_scaling=None)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    scaled.rope_scaling.factor = 8.0
 
 
 def test_presets_have_the_issue_shapes():

@@ -13,6 +13,7 @@ import pytest
 import model
 from model import abstract_params
 from model import positions as pos_lib
+from model.config import RopeScaling
 from tests import numpy_reference as ref
 from tests.conftest import tiny_config
 
@@ -39,6 +40,30 @@ def test_rope_matches_rotation_matrices(theta):
   np.testing.assert_allclose(y[0, 0], x_BTNH[0, 0], atol=0)  # position 0: no rotation
   np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x_BTNH, axis=-1),
                              rtol=1e-5)  # rotations keep the length
+
+
+# Head size 8, theta 500: wavelengths 2 pi / omega_j = 6.3, 29.7, 140, 664; with a pretraining
+# context of 32 the bands are < 8 (kept), 8..32 (interpolated), > 32 (stretched): every case.
+LLAMA3 = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=32)
+
+
+def test_llama3_scaled_rope_matches_the_three_band_reference():
+  omega_J = np.asarray(pos_lib.rope_frequencies(8, 500.0, LLAMA3))
+  plain_J = np.asarray(pos_lib.rope_frequencies(8, 500.0))
+  want_J = [ref.rope_frequency(j, 8, 500.0, LLAMA3) for j in range(4)]
+  np.testing.assert_allclose(omega_J, want_J, rtol=1e-6)
+  ratio_J = plain_J / omega_J  # 1 kept, 8 stretched, strictly between: interpolated
+  np.testing.assert_allclose(ratio_J[[0, 2, 3]], [1.0, 8.0, 8.0], rtol=1e-6)
+  assert 1.5 < ratio_J[1] < 7.5
+  rng = np.random.RandomState(2)
+  x_BTNH = rng.standard_normal((1, 6, 2, 8)).astype(np.float32)
+  positions_BT = np.array([[0, 3, 11, 40, 300, 1000]])
+  y = np.asarray(pos_lib.apply_rope(jnp.asarray(x_BTNH), jnp.asarray(positions_BT), 500.0,
+                                    LLAMA3))
+  for n in range(2):
+    np.testing.assert_allclose(y[0, :, n], ref.rope(x_BTNH[0, :, n], positions_BT[0], 500.0,
+                                                    LLAMA3), atol=2e-4)
 
 
 def test_rope_score_depends_only_on_the_offset():

@@ -2,7 +2,8 @@
 
 Each config switches on a different set of features; together they cover every position kind,
 norm, norm placement, FFN, head layout (MHA/GQA/MQA, fused qkv), tied and untied heads,
-attention patterns and bidirectional attention. float32 vs float64, tolerance 1e-5.
+attention patterns, bidirectional attention, Llama 3 RoPE scaling and q/k/v-only biases. float32
+vs float64, tolerance 1e-5.
 """
 
 import jax
@@ -27,6 +28,12 @@ CONFIGS = {
                                              head_dim=6, n_kv_heads=2),  # N H != D, G != K
     "patterns-geglu": tiny_config(n_layers=3, attention_pattern=("global", "local", "strided"),
                                   window_size=3, sparse_stride=3, ffn="geglu", position="rope"),
+    # Llama 3's rescaled RoPE frequencies; Qwen2's biases on q/k/v but not o.
+    "llama3-rope-qkv-bias": tiny_config(
+        position="rope", rope_theta=500.0, norm="rmsnorm", ffn="swiglu", n_kv_heads=2,
+        rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32},
+        attn_bias=True, o_bias=False, mlp_bias=False, tie_embeddings=False),
     "bidirectional": tiny_config(causal=False, n_layers=3,
                                  attention_pattern=("global", "local", "strided"),
                                  window_size=2, sparse_stride=4),
@@ -46,6 +53,12 @@ def test_forward_matches_numpy_reference(name):
   np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
   # The attention weights the model used are the reference's alpha_ij, layer by layer.
   np.testing.assert_allclose(inter["layers"]["attn"]["attn_weights"], alphas, atol=1e-5)
+
+
+def test_o_bias_false_keeps_the_qkv_biases_only():
+  """Qwen2's layout: q, k, v have biases, the output projection o has none."""
+  attn = abstract_params(CONFIGS["llama3-rope-qkv-bias"])["layers"]["attn"]
+  assert [name for name in ("q", "k", "v", "o") if "bias" in attn[name]] == ["q", "k", "v"]
 
 
 def test_forward_with_params_from_model_init():

@@ -51,6 +51,19 @@ def test_overrides_are_typed_like_the_command_line():
   assert config.model.attention_pattern == ("global", "local")
   cfg = model_config(config, vocab_size=259)
   assert (cfg.n_layers, cfg.d_model, cfg.vocab_size, cfg.window_size) == (2, 32, 259, 8)
+  # The one nested ModelConfig field, as a dict on the command line and from Python.
+  scaling = ("{'factor': 8, 'low_freq_factor': 1, 'high_freq_factor': 4, "
+             "'original_max_position_embeddings': 64}")
+  config = from_command_line(["--config=train/configs/tiny.py", "--config.model.position=rope",
+                              f"--config.model.rope_scaling={scaling}"])
+  assert model_config(config).rope_scaling.original_max_position_embeddings == 64
+  config = load_config("train/configs/tiny.py", {"model.position": "rope", "model.rope_scaling": {
+      "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 32}})
+  assert model_config(config).rope_scaling.factor == 8.0
+  with pytest.raises(ConfigError, match="rope_scaling.*missing key"):
+    load_config("train/configs/tiny.py", {"model.position": "rope",
+                                          "model.rope_scaling": {"factor": 8.0}})
 
 
 def test_help_prints_usage_and_the_configs():

@@ -48,8 +48,8 @@ def _field_type(field: dataclasses.Field) -> type:
     return bool
   if isinstance(default, tuple):
     return tuple
-  if default is None:  # n_kv_heads, head_dim, d_ff: optional ints
-    return int
+  if default is None:  # n_kv_heads, head_dim, d_ff: optional ints; rope_scaling: a mapping
+    return object if "RopeScaling" in str(field.type) else int
   return type(default)
 
 

@@ -4,10 +4,11 @@
   cfg, params = model.hf.load(hf_dir, dtype="bfloat16", shardings=mesh)  # straight onto a mesh
   model.hf.save(cfg, params, "out/")            # loadable by transformers' from_pretrained
 
-Architectures: GPT-2 (`GPT2LMHeadModel`), Llama (`LlamaForCausalLM`), Mistral
-(`MistralForCausalLM`), Phi-3 (`Phi3ForCausalLM`); one mapping module each
-(gpt2.py, llama.py, phi3.py) built on layout.py. Only safetensors, numpy and
-json are needed at run time (no torch, no transformers). The command line
+Architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3.x (`LlamaForCausalLM`), Mistral
+(`MistralForCausalLM`), Phi-3 (`Phi3ForCausalLM`), Qwen2/2.5 (`Qwen2ForCausalLM`); one
+mapping module each (gpt2.py, llama.py, phi3.py, qwen2.py) built on layout.py. Only
+safetensors, numpy and json are needed at run time (no torch, no transformers; huggingface_hub
+only to fetch a model by hub id: `model.hf.resolve`). The command line
 (`python -m model.hf import|export`) turns a model directory into a workdir and
 back; see model/hf/README.md.
 """
@@ -21,8 +22,9 @@ import jax
 import numpy as np
 
 from model.config import ModelConfig
-from model.hf import gpt2, hf_config, llama, phi3
+from model.hf import gpt2, hf_config, llama, phi3, qwen2
 from model.hf.hf_config import UnsupportedModelError
+from model.hf.hub import resolve
 from model.hf.layout import check_checkpoint, param_shapes, read_params, tensor_entries
 from model.hf.safetensors_io import (
   DEFAULT_MAX_SHARD_SIZE,
@@ -34,14 +36,15 @@ from model.hf.safetensors_io import (
 from model.sharding import param_shardings
 from model.store.files import write_json
 
-MODULES: dict[str, ModuleType] = {arch: module for module in (gpt2, llama, phi3)
+_FAMILIES = (gpt2, llama, phi3, qwen2)
+MODULES: dict[str, ModuleType] = {arch: module for module in _FAMILIES
                                   for arch in module.ARCHITECTURES}
-MODEL_TYPES: dict[str, str] = {t: a for m in (gpt2, llama, phi3) for t, a in m.MODEL_TYPES.items()}
+MODEL_TYPES: dict[str, str] = {t: a for m in _FAMILIES for t, a in m.MODEL_TYPES.items()}
 
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 __all__ = ["MODULES", "CheckpointError", "UnsupportedModelError", "architecture_of",
-           "export_architecture", "load", "load_config", "read_hf_config", "save"]
+           "export_architecture", "load", "load_config", "read_hf_config", "resolve", "save"]
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -107,11 +110,13 @@ def load(hf_dir: str, *, dtype: str | None = None, shardings=None,
 def export_architecture(cfg: ModelConfig) -> str:
   """The HF architecture a config exports as by default.
 
-  learned positions -> GPT-2; RoPE with fused projections -> Phi-3; RoPE with
-  sliding-window layers -> Mistral; other RoPE models -> Llama.
+  learned positions -> GPT-2; biases on q/k/v but not o -> Qwen2; RoPE with fused
+  projections -> Phi-3; RoPE with sliding-window layers -> Mistral; other RoPE models -> Llama.
   """
   if cfg.position == "learned":
     return "GPT2LMHeadModel"
+  if cfg.attn_bias and not cfg.o_bias:
+    return "Qwen2ForCausalLM"
   if cfg.fused_qkv or cfg.fused_gate_up:
     return "Phi3ForCausalLM"
   if "local" in cfg.layer_kinds:

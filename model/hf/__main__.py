@@ -1,12 +1,13 @@
 """Command line: Hugging Face model directory <-> workdir.
 
-  python -m model.hf import --hf_dir=PATH --workdir=runs/NAME [--dtype=bfloat16]
+  python -m model.hf import --hf_dir=PATH_OR_HUB_ID --workdir=runs/NAME [--dtype=bfloat16]
       [--tokenizer=PATH] [--set attention_impl=chunked] [--overwrite]
   python -m model.hf export --workdir=runs/NAME --out_dir=PATH [--step=N]
       [--architecture=LlamaForCausalLM] [--dtype=bfloat16] [--max_shard_size=5GB] [--overwrite]
 
-Bad input (a missing or malformed file, an unsupported model, a workdir or
-out_dir already in use) prints one `error: ...` line and exits with status 1.
+Bad input (a missing or malformed file, an unsupported model, a hub id that is
+neither reachable nor cached, a workdir or out_dir already in use) prints one
+`error: ...` line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from model.hf.safetensors_io import DEFAULT_MAX_SHARD_SIZE
 
 COMMANDS = ("import", "export")
 
-flags.DEFINE_string("hf_dir", None, "import: the Hugging Face model directory to read.")
+flags.DEFINE_string("hf_dir", None, "import: the Hugging Face model directory to read, or a "
+                    "hub id (meta-llama/Llama-3.2-1B): downloaded, or taken from the local HF "
+                    "cache when the hub is unreachable or HF_HUB_OFFLINE=1.")
 flags.DEFINE_string("workdir", None, "The workdir to write (import) or read (export).")
 flags.DEFINE_string("out_dir", None, "export: the Hugging Face model directory to write.")
 flags.DEFINE_string("dtype", None, "Parameter (and compute) dtype: float32 (default on import), "
@@ -36,7 +39,8 @@ flags.DEFINE_bool("overwrite", False, "import: replace a model already in --work
                   "write into a non-empty --out_dir.")
 flags.DEFINE_integer("step", None, "export: checkpoint step (default: the latest).")
 flags.DEFINE_string("architecture", None, "export: GPT2LMHeadModel, LlamaForCausalLM, "
-                    "MistralForCausalLM or Phi3ForCausalLM (default: chosen from the config).")
+                    "MistralForCausalLM, Phi3ForCausalLM or Qwen2ForCausalLM (default: chosen "
+                    "from the config).")
 flags.DEFINE_string("max_shard_size", DEFAULT_MAX_SHARD_SIZE, "export: largest safetensors "
                     "shard, e.g. 5GB or 200MB.")
 FLAGS = flags.FLAGS

@@ -1,7 +1,8 @@
 """Hugging Face model directory <-> workdir (what `python -m model.hf import|export` runs).
 
-  import   config.json + safetensors + tokenizer -> workdir/config.json (with a "source"
-           section: the HF directory, its architecture, its stop token ids),
+  import   config.json + safetensors + tokenizer (a directory, or a hub id resolved to one by
+           model.hf.hub) -> workdir/config.json (with a "source" section: the HF directory,
+           the hub id if any, its architecture, its stop token ids),
            workdir/tokenizer.json (or tokenizer.model), workdir/checkpoints/0/params
   export   a workdir's latest (or given) checkpoint -> config.json + safetensors +
            the tokenizer file; LoRA adapters in the checkpoint are merged into the weights
@@ -19,7 +20,7 @@ import numpy as np
 
 from model import store
 from model.config import ModelConfig
-from model.hf import architecture_of, load, read_hf_config, save
+from model.hf import architecture_of, load, read_hf_config, resolve, save
 from model.hf.safetensors_io import DEFAULT_MAX_SHARD_SIZE
 from model.hf.tokenizer import export_tokenizer, install_tokenizer
 
@@ -27,10 +28,13 @@ from model.hf.tokenizer import export_tokenizer, install_tokenizer
 def import_to_workdir(hf_dir: str, workdir: str, *, dtype: str | None = None,
                       tokenizer_path: str | None = None, overwrite: bool = False,
                       **overrides) -> ModelConfig:
-  """Write a workdir holding the HF model in hf_dir; returns its ModelConfig."""
+  """Write a workdir holding the HF model in hf_dir (a directory or a hub id); returns its
+  ModelConfig."""
   if store.has_config(workdir) and not overwrite:
     raise FileExistsError(f"{workdir} already holds a model ({store.CONFIG_FILE}); choose "
                           "another workdir or pass --overwrite")
+  name, hf_dir = hf_dir, resolve(hf_dir)
+  hub = {"hub_id": name} if hf_dir != name else {}
   architecture = architecture_of(read_hf_config(hf_dir))
   cfg, params = load(hf_dir, dtype=dtype, **overrides)
   tokenizer, stop_ids = install_tokenizer(hf_dir, workdir, tokenizer_path)
@@ -39,8 +43,8 @@ def import_to_workdir(hf_dir: str, workdir: str, *, dtype: str | None = None,
                      f"embedding only {cfg.vocab_size} rows")
   store.save_params(workdir, params, step=0)
   store.write_config(workdir, cfg, tokenizer, source={
-      "format": "huggingface", "hf_dir": os.path.abspath(hf_dir), "architecture": architecture,
-      "stop_ids": stop_ids})
+      "format": "huggingface", "hf_dir": os.path.abspath(hf_dir), **hub,
+      "architecture": architecture, "stop_ids": stop_ids})
   return cfg
 
 

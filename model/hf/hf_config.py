@@ -3,12 +3,15 @@
 Rotary embeddings appear in two spellings: transformers 4.x writes
 `rope_theta` (+ `rope_scaling`), 5.x writes `rope_parameters` = {"rope_type",
 "rope_theta", ...}. Both are read; both are written, so an exported
-directory loads in either version.
+directory loads in either version. rope_type "llama3" (Llama 3.x) maps to
+`ModelConfig.rope_scaling`.
 """
 
 from __future__ import annotations
 
-from model.config import ModelConfig
+import dataclasses
+
+from model.config import ROPE_SCALING_TYPES, ModelConfig, RopeScaling
 
 
 class UnsupportedModelError(ValueError):
@@ -41,27 +44,52 @@ def activation(name: str, *, gated: bool, where: str) -> str:
   return table[name]
 
 
-def rope_theta(hf: dict, *, where: str) -> float:
-  """The RoPE base of a config; unsupported scaling or partial rotary raise."""
-  params = hf.get("rope_parameters") or {}
-  scaling = hf.get("rope_scaling") or {}
-  rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-  if rope_type not in (None, "default"):
+def rope_config(hf: dict, *, where: str) -> dict:
+  """ModelConfig fields `rope_theta` and `rope_scaling` of a config.json.
+
+  The RoPE dict is `rope_scaling` when set (4.x; 5.x lets it win too), else `rope_parameters`;
+  rope_theta comes from it, else from the top level. rope_type 'default' is the plain RoPE,
+  'llama3' Llama 3's frequency rescaling (model.config.RopeScaling); any other type, or a
+  partial_rotary_factor below 1, raises.
+  """
+  rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+  rope_type = rope.get("rope_type") or rope.get("type") or "default"
+  if rope_type not in ("default", *ROPE_SCALING_TYPES):
     raise UnsupportedModelError(
-        f"{where}: RoPE scaling {rope_type!r} ({params or scaling}) is not supported; this "
-        "model's RoPE (model/positions.py) is the plain one, rope_type 'default' (e.g. "
-        "Phi-3-mini-4k, Llama 2, Mistral 7B; not Phi-3-128k 'longrope' or Llama 3.1 'llama3')")
-  partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        f"{where}: RoPE scaling {rope_type!r} ({rope}) is not supported; model/positions.py "
+        "has the plain RoPE (rope_type 'default': Phi-3-mini-4k, Llama 2, Mistral 7B, Qwen2) "
+        "and Llama 3's 'llama3' scaling (Llama 3.1, 3.2, 3.3); not Phi-3-128k's 'longrope', "
+        "nor 'linear', 'dynamic', 'yarn'")
+  partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
   if partial not in (None, 1, 1.0):
     raise UnsupportedModelError(
         f"{where}: partial_rotary_factor={partial} (RoPE on part of each head) is not "
         "supported; RoPE here rotates the whole head dimension")
-  return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  fields = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            "rope_scaling": None}
+  if rope_type == "llama3":
+    keys = [f.name for f in dataclasses.fields(RopeScaling) if f.name != "rope_type"]
+    missing = [k for k in keys if rope.get(k) is None]
+    if missing:
+      raise UnsupportedModelError(f"{where}: RoPE scaling 'llama3' ({rope}) lacks {missing}")
+    try:
+      fields["rope_scaling"] = RopeScaling(**{k: rope[k] for k in keys})
+    except ValueError as e:
+      raise UnsupportedModelError(f"{where}: RoPE scaling 'llama3': {e}") from None
+  return fields
 
 
 def rope_fields(cfg: ModelConfig) -> dict:
-  return {"rope_theta": cfg.rope_theta,
-          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+  """config.json's RoPE fields in both spellings: 5.x's rope_parameters, 4.x's rope_theta
+  (+ rope_scaling when scaled). transformers 5 lets a rope_scaling replace rope_parameters
+  and takes rope_theta from the top level then, so all three are written and agree."""
+  out = {"rope_theta": cfg.rope_theta,
+         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+  if cfg.rope_scaling is not None:
+    scaling = cfg.rope_scaling.to_dict()
+    out["rope_scaling"] = scaling
+    out["rope_parameters"] = {**scaling, "rope_theta": cfg.rope_theta}
+  return out
 
 
 def window_fields(hf: dict) -> dict:

@@ -72,7 +72,7 @@ def projection(cfg: ModelConfig, name: str, param: str = "kernel") -> Piece:
   if name not in widths:
     raise ValueError(f"unknown projection {name!r}; known: {sorted(widths)}")
   width = widths[name]
-  has_bias = cfg.attn_bias if name in ("q", "k", "v", "o") else cfg.mlp_bias
+  has_bias = has_projection_bias(cfg, name)
   if param == "bias" and not has_bias:
     return Piece(None, 0, width)
   if name in ("q", "k", "v") and cfg.fused_qkv:
@@ -83,6 +83,13 @@ def projection(cfg: ModelConfig, name: str, param: str = "kernel") -> Piece:
     return Piece(("mlp", "gate_up", param), start, start + width)
   group = "attn" if name in ("q", "k", "v", "o") else "mlp"
   return Piece((group, name, param), 0, width)
+
+
+def has_projection_bias(cfg: ModelConfig, name: str) -> bool:
+  """Does our projection `name` (q k v o gate up down) have a bias under cfg?"""
+  if name == "o":
+    return cfg.attn_bias and cfg.o_bias
+  return cfg.attn_bias if name in ("q", "k", "v") else cfg.mlp_bias
 
 
 def whole(path: Path, width: int) -> Piece:

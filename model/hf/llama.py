@@ -19,30 +19,41 @@ Checkpoint layout (per layer i; torch Linear weights are [out, in], ours [in, ou
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 from model.config import ModelConfig
 from model.hf import hf_config
-from model.hf.layout import HFTensor, Piece, projection, whole
+from model.hf.layout import HFTensor, Piece, has_projection_bias, projection, whole
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 _BUFFERS = re.compile(r"\.rotary_emb\.inv_freq$")
 
 
-def llama_like_config(hf: dict, *, where: str, **fields) -> ModelConfig:
-  """The ModelConfig of a Llama-family config.json (fields: what the family fixes)."""
+def llama_like_config(hf: dict, *, where: str, rope_scaling: bool = False,
+                      **fields) -> ModelConfig:
+  """The ModelConfig of a Llama-family config.json (fields: what the family fixes).
+
+  `rope_scaling`: whether this architecture may carry Llama 3's RoPE scaling (Llama and
+  Qwen2, whose transformers configs accept it in 4.x and 5.x; Mistral's and Phi-3's do not).
+  """
   hf_config.require(hf, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "intermediate_size", where=where)
   if hf.get("layer_types") is not None:
     raise hf_config.UnsupportedModelError(
         f"{where}: per-layer attention types (layer_types={hf['layer_types']}) are not supported")
+  rope = hf_config.rope_config(hf, where=where)
+  if rope["rope_scaling"] is not None and not rope_scaling:
+    raise hf_config.UnsupportedModelError(
+        f"{where}: RoPE scaling 'llama3' is supported for LlamaForCausalLM and Qwen2ForCausalLM "
+        "only")
   n_heads = hf["num_attention_heads"]
   head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
   base = dict(
       vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
       n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=head_dim,
       d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-      position="rope", rope_theta=hf_config.rope_theta(hf, where=where), norm="rmsnorm",
+      position="rope", **rope, norm="rmsnorm",
       norm_placement="pre", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       ffn=hf_config.activation(hf.get("hidden_act", "silu"), gated=True, where=where),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -56,7 +67,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
   if not mistral:
     # transformers' Llama has no sliding window and ignores the field; so does the import.
     hf = {k: v for k, v in hf.items() if k != "sliding_window"}
-  return llama_like_config(hf, where="Mistral" if mistral else "Llama",
+  return llama_like_config(hf, where="Mistral" if mistral else "Llama", rope_scaling=not mistral,
                            attn_bias=bool(hf.get("attention_bias", False)),
                            mlp_bias=bool(hf.get("mlp_bias", False)))
 
@@ -73,7 +84,6 @@ def llama_like_hf(cfg: ModelConfig, architecture: str, model_type: str,
       f"ffn must be swiglu or geglu, not {cfg.ffn!r}": cfg.gated_ffn,
       **conditions,
   })
-  window = hf_config.window_of(cfg, where=architecture)
   out = {
       "architectures": [architecture], "model_type": model_type, "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_size,
@@ -86,36 +96,50 @@ def llama_like_hf(cfg: ModelConfig, architecture: str, model_type: str,
   }
   if cfg.head_size * cfg.n_heads != cfg.d_model:
     out["head_dim"] = cfg.head_size
-  if window is not None or model_type != "llama":
-    out["sliding_window"] = window
   return out
+
+
+def no_rope_scaling(cfg: ModelConfig) -> dict[str, bool]:
+  """The export condition of architectures whose transformers config has no llama3 RoPE."""
+  return {"RoPE scaling (rope_scaling) exports as LlamaForCausalLM or Qwen2ForCausalLM only":
+          cfg.rope_scaling is None}
 
 
 def config_to_hf(cfg: ModelConfig, architecture: str = "LlamaForCausalLM") -> dict:
   if architecture == "MistralForCausalLM":
     out = llama_like_hf(cfg, architecture, "mistral", {
         "Mistral has no attention or MLP biases": not (cfg.attn_bias or cfg.mlp_bias),
-        **hf_config.uniform_attention(cfg)})
+        **hf_config.uniform_attention(cfg), **no_rope_scaling(cfg)})
     out["head_dim"] = cfg.head_size
+    out["sliding_window"] = hf_config.window_of(cfg, where=architecture)
     return out
   out = llama_like_hf(cfg, architecture, "llama", {
       "every layer must be global (sliding windows: MistralForCausalLM)":
-          set(cfg.layer_kinds) == {"global"}})
+          set(cfg.layer_kinds) == {"global"},
+      "Llama's attention_bias covers o_proj too (q/k/v biases only, o_bias=False: "
+      "Qwen2ForCausalLM)": cfg.o_bias or not cfg.attn_bias})
   out.update(attention_bias=cfg.attn_bias, mlp_bias=cfg.mlp_bias, head_dim=cfg.head_size)
   return out
 
 
-def layer_tensors(cfg: ModelConfig, i: int, attn: dict, mlp: dict) -> list[HFTensor]:
-  """One layer's tensors: norms plus `attn`/`mlp` {HF module name: our projections}."""
+def layer_tensors(cfg: ModelConfig, i: int, attn: dict, mlp: dict,
+                  biased: Collection[str] | None = None) -> list[HFTensor]:
+  """One layer's tensors: norms plus `attn`/`mlp` {HF module name: our projections}.
+
+  `biased`: the HF modules that carry a `.bias` (Qwen2: q/k/v_proj); by default those of
+  our projections that have one (attn_bias, mlp_bias). A bias our config lacks is zeros.
+  """
   d, layer = cfg.d_model, f"model.layers.{i}"
+  if biased is None:
+    biased = {m for m, names in {**attn, **mlp}.items() if has_projection_bias(cfg, names[0])}
   out = [HFTensor(f"{layer}.input_layernorm.weight", (whole(("attn_norm", "scale"), d),), i),
          HFTensor(f"{layer}.post_attention_layernorm.weight", (whole(("mlp_norm", "scale"), d),),
                   i)]
-  for group, modules, bias in (("self_attn", attn, cfg.attn_bias), ("mlp", mlp, cfg.mlp_bias)):
+  for group, modules in (("self_attn", attn), ("mlp", mlp)):
     for module, names in modules.items():
       out.append(HFTensor(f"{layer}.{group}.{module}.weight",
                           tuple(projection(cfg, n) for n in names), i, transpose=True))
-      if bias:
+      if module in biased:
         out.append(HFTensor(f"{layer}.{group}.{module}.bias",
                             tuple(projection(cfg, n, "bias") for n in names), i))
   return out

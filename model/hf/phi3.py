@@ -29,9 +29,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
 def config_to_hf(cfg: ModelConfig, architecture: str = "Phi3ForCausalLM") -> dict:
   out = llama.llama_like_hf(cfg, architecture, "phi3", {
       "Phi-3 has no attention or MLP biases": not (cfg.attn_bias or cfg.mlp_bias),
-      **hf_config.uniform_attention(cfg)})
+      **hf_config.uniform_attention(cfg), **llama.no_rope_scaling(cfg)})
   out.update(original_max_position_embeddings=cfg.max_seq_len, resid_pdrop=cfg.dropout_rate,
-             embd_pdrop=cfg.dropout_rate)
+             embd_pdrop=cfg.dropout_rate,
+             sliding_window=hf_config.window_of(cfg, where=architecture))
   out["rope_parameters"]["partial_rotary_factor"] = 1.0
   return out
 
