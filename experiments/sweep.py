@@ -64,7 +64,7 @@ def config_hash(config_dict: dict[str, Any]) -> str:
 
 
 def _now() -> str:
-  return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+  return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _vocab_size(config) -> int:

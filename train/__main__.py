@@ -115,13 +115,14 @@ def main(argv):
   except SaveFailed as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
-  except KeyboardInterrupt:  # a second Ctrl-C: stop now, without saving
-    steps = store.all_steps(FLAGS.workdir)
-    print("error: stopped by a second Ctrl-C without saving; the last good checkpoint is step "
+  except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: stop now
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third one must not cut this line short
+    steps = store.all_steps(store.resolve(FLAGS.workdir))
+    print("error: interrupted by Ctrl-C without saving; the last good checkpoint is step "
           f"{steps[-1] if steps else 'none'}", file=sys.stderr)
     return 128 + signal.SIGINT
   except OSError as e:  # metrics, events, config.json or summary.json could not be written
-    steps = store.all_steps(FLAGS.workdir)
+    steps = store.all_steps(store.resolve(FLAGS.workdir))
     print(f"error: writing {e.filename or FLAGS.workdir} failed ({store.error_cause(e)}); the "
           f"last good checkpoint is step {steps[-1] if steps else 'none'}", file=sys.stderr)
     return 3

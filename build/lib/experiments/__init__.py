@@ -1,0 +1,1 @@
+"""Experiments: benchmarks, sweeps, scaling-law fits, interpretability, notebooks."""

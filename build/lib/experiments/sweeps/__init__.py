@@ -1,0 +1,1 @@
+"""Sweep files: each defines get_sweep() -> experiments.scaling.spec.Sweep (see its docstring)."""

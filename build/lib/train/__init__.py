@@ -1,0 +1,1 @@
+"""Training: absl entry point, configs, data, optimizer, jitted steps, checkpoints."""

@@ -1,0 +1,117 @@
+"""The jitted train and eval steps of a task (train/tasks.py).
+
+Loss: the mean next-token cross-entropy over the target tokens the loss mask keeps,
+
+  L = sum_{b,t} m_bt * (-log softmax(logits_bt)[y_bt]) / sum_{b,t} m_bt
+
+With gradient accumulation the batch [A, b, T] is scanned over its A
+micro-batches inside the one jitted step; each micro-batch contributes its
+masked sum divided by the whole batch's token count, so the summed gradients
+equal the gradient of the big-batch mean exactly.
+
+A step whose loss or gradient is not finite leaves the state unchanged and
+reports `nonfinite = 1`; the trainer stops the run at the next check, so no
+checkpoint ever holds a broken state.
+
+The task's frozen params (a LoRA run's base) are a third jit argument: neither
+donated nor a baked-in constant, placed as they already are, and no gradient
+flows to them (only the state's params are differentiated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from train.state import TrainState, activation_sharding, data_sharding
+
+
+def _shardings_of(tree):
+  return None if tree is None else jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _uses_dropout(task) -> bool:
+  return task.cfg.dropout_rate > 0 or task.cfg.attn_dropout_rate > 0
+
+
+def make_train_step(task, tx: optax.GradientTransformation, schedule: Callable, *, mesh: Mesh,
+                    shardings: TrainState):
+  """train_step(state, batch) -> (state, metrics), one jit; the state is donated."""
+  dropout = _uses_dropout(task)
+
+  def micro_loss(trainable, frozen, micro, rng, total):
+    losses_BT = task.token_losses(trainable, frozen, micro, rng=rng if dropout else None)
+    return jnp.sum(losses_BT * micro["loss_mask"]) / total
+
+  grad_fn = jax.value_and_grad(micro_loss)
+
+  def train_step(state: TrainState, batch: dict, frozen):
+    total = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    accum = batch["inputs"].shape[0]
+    if accum == 1:
+      loss, grads = grad_fn(state.params, frozen, jax.tree.map(lambda x: x[0], batch), step_rng,
+                            total)
+    else:
+      def body(carry, inputs):
+        grads_acc, loss_acc = carry
+        micro, i = inputs
+        loss_i, grads_i = grad_fn(state.params, frozen, micro, jax.random.fold_in(step_rng, i),
+                                  total)
+        return (jax.tree.map(jnp.add, grads_acc, grads_i), loss_acc + loss_i), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
+                                      (batch, jnp.arange(accum)))
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    param_norm = optax.global_norm(params)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           rng=state.rng)
+    # A bad step changes nothing; the host sees nonfinite=1 and stops the run.
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "param_norm": jnp.where(ok, param_norm, optax.global_norm(state.params)),
+               "lr": jnp.asarray(schedule(state.step), jnp.float32),
+               "tokens": total, "nonfinite": 1 - ok.astype(jnp.int32)}
+    return new_state, metrics
+
+  replicated = NamedSharding(mesh, P())
+  jitted = jax.jit(train_step,
+                   in_shardings=(shardings, data_sharding(mesh), _shardings_of(task.frozen)),
+                   out_shardings=(shardings, replicated), donate_argnums=0)
+
+  def run(state, batch):
+    with activation_sharding(mesh):
+      return jitted(state, batch, task.frozen)
+
+  return run
+
+
+def make_eval_step(task, *, mesh: Mesh, params_shardings):
+  """eval_step(trainable, batch [1, b, T], byte_lengths [V]) -> sums of loss, tokens, bytes."""
+
+  def eval_step(trainable, batch, byte_lengths_V, frozen):
+    micro = jax.tree.map(lambda x: x[0], batch)
+    losses_BT = task.token_losses(trainable, frozen, micro)
+    mask_BT = micro["loss_mask"]
+    return {"loss_sum": jnp.sum(losses_BT * mask_BT), "tokens": jnp.sum(mask_BT),
+            "bytes": jnp.sum(byte_lengths_V[micro["targets"]] * mask_BT)}
+
+  replicated = NamedSharding(mesh, P())
+  jitted = jax.jit(eval_step, in_shardings=(params_shardings, data_sharding(mesh), replicated,
+                                            _shardings_of(task.frozen)),
+                   out_shardings=replicated)
+
+  def run(trainable, batch, byte_lengths_V):
+    with activation_sharding(mesh):
+      return jitted(trainable, batch, byte_lengths_V, task.frozen)
+
+  return run
