@@ -9,7 +9,9 @@ import sys
 import time
 
 import pytest
+from absl import flags
 
+from train import distributed
 from train.config_lib import ConfigError, from_command_line, load_config, model_config
 from train.metrics import read_metrics
 
@@ -51,6 +53,25 @@ def test_overrides_are_typed_like_the_command_line():
   assert config.model.attention_pattern == ("global", "local")
   cfg = model_config(config, vocab_size=259)
   assert (cfg.n_layers, cfg.d_model, cfg.vocab_size, cfg.window_size) == (2, 32, 259, 8)
+
+
+def test_multi_process_flags_are_checked(monkeypatch):
+  for key in list(os.environ):  # no cluster around (the test may itself run under SLURM)
+    if key.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "KUBERNETES_", "TPU_")):
+      monkeypatch.delenv(key)
+
+  def parsed(*args):
+    values = flags.FlagValues()
+    distributed.define_flags(values)
+    values(["train", *args])
+    return values
+
+  assert distributed.initialize(parsed()) is False  # one process: nothing to join
+  with pytest.raises(distributed.DistributedError, match="together, or --distributed"):
+    distributed.initialize(parsed("--num_processes=2", "--process_id=0"))
+  with pytest.raises(distributed.DistributedError,
+                     match="coordinator_address should be defined.*no TPU pod, SLURM"):
+    distributed.initialize(parsed("--distributed"))
 
 
 def test_help_prints_usage_and_the_configs():
