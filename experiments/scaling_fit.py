@@ -3,7 +3,8 @@
   python -m experiments.scaling_fit --workdir=runs/sweeps/cpu [--out=DIR] [--loss=final|best]
       [--params=non_embedding|total] [--n_boot=1000] [--grid=chinchilla|small]
 
-Reads WORKDIR/results.jsonl (written by `python -m experiments.sweep`) or --results=FILE;
+Reads the sweep workdir's run records (collected into WORKDIR/results.jsonl first, as
+`python -m experiments.sweep --merge` does) or --results=FILE;
 writes into --out (default: the workdir), with a copy of results.jsonl and sweep.json so
 that --out regenerates on its own. See experiments/scaling/README.md.
 """
@@ -20,10 +21,13 @@ import numpy as np
 from absl import app, flags
 
 from experiments.scaling import analysis, plots, report
-from experiments.scaling.results import read_records, results_path
+from experiments.scaling.results import (
+    SWEEP_META_FILE,
+    merge_records,
+    read_records,
+    results_path,
+)
 from model import store
-
-SWEEP_META_FILE = "sweep.json"  # written by experiments.sweep beside results.jsonl
 
 # Initialization grids for L(N, D): Hoffmann et al.'s 4500 points, or 432 for quick looks.
 GRIDS = {
@@ -51,6 +55,7 @@ def fit_and_report(*, workdir: str | None = None, results: str | None = None,
   if results is None:
     if workdir is None:
       raise ValueError("give --workdir (a sweep workdir) or --results (a results.jsonl)")
+    merge_records(workdir)  # the records of every run finished so far, by any launcher
     results = results_path(workdir)
   if not os.path.exists(results):
     raise FileNotFoundError(f"no results file at {results!r}: run the sweep first "

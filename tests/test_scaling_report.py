@@ -8,7 +8,7 @@ import pytest
 
 from experiments import scaling_fit
 from experiments.scaling import analysis
-from experiments.scaling.results import RECORD_FIELDS, append_record, read_records
+from experiments.scaling.results import RECORD_FIELDS, read_records, write_records
 from tests.test_scaling_fits import SMALL_GRID
 
 LAW = dict(E=0.8, A=40.0, B=60.0, alpha=0.34, beta=0.28)
@@ -45,8 +45,7 @@ def synthetic_records(budgets=(1e12, 3e12, 1e13), per_budget=5, sigma=0.005, see
 def full_report(tmp_path_factory):
   out = tmp_path_factory.mktemp("report")
   results = out / "results.jsonl"
-  for r in synthetic_records():
-    append_record(str(results), r)
+  write_records(str(results), synthetic_records())
   summary = scaling_fit.fit_and_report(results=str(results), out=str(out), settings=SETTINGS,
                                        command="python -m experiments.scaling_fit --test")
   return out, summary
@@ -85,8 +84,7 @@ def test_report_states_fits_intervals_and_comparisons(full_report):
 
 def test_few_runs_degrade_to_messages(tmp_path):
   results = tmp_path / "results.jsonl"
-  for r in synthetic_records(budgets=(1e12,), per_budget=3):
-    append_record(str(results), r)
+  write_records(str(results), synthetic_records(budgets=(1e12,), per_budget=3))
   summary = scaling_fit.fit_and_report(results=str(results), out=str(tmp_path),
                                        settings=SETTINGS, command="fit")
   assert "needs at least 6 runs; got 3" in summary["L(N,D)"]["error"]
@@ -99,7 +97,7 @@ def test_few_runs_degrade_to_messages(tmp_path):
 def test_no_usable_runs_still_writes_a_report(tmp_path):
   record = synthetic_records(budgets=(1e12,), per_budget=3)[0]
   record.update(final_val_loss=float("nan"), status="diverged: nan loss")
-  append_record(str(tmp_path / "results.jsonl"), record)
+  write_records(str(tmp_path / "results.jsonl"), [record])
   summary = scaling_fit.fit_and_report(workdir=str(tmp_path), settings=SETTINGS, command="fit")
   assert summary["n_runs"] == 0 and "diverged" in summary["dropped"][0]
   assert "nothing to fit" in (tmp_path / "report.md").read_text()
@@ -136,13 +134,13 @@ def test_points_for_each_law():
   assert np.all(np.diff(a.loss[front]) < 0) and np.all(np.diff(a.flops_6nd[front]) >= 0)
 
 
-def test_results_file_survives_a_torn_last_line(tmp_path):
+def test_an_older_results_file_survives_a_torn_line(tmp_path):
+  """A results.jsonl of the older runner, which appended: a writer killed mid-line."""
   path = tmp_path / "results.jsonl"
   first, second = synthetic_records(budgets=(1e12,), per_budget=3)[:2]
-  append_record(str(path), first)
+  write_records(str(path), [first])
   with open(path, "a") as f:
-    f.write('{"name": "half a rec')  # a writer killed mid-line
-  append_record(str(path), second)
+    f.write('{"name": "half a rec\n' + json.dumps(second) + "\n")
   with pytest.warns(UserWarning, match="unreadable line"):
     names = [r["name"] for r in read_records(str(path))]
   assert names == [first["name"], second["name"]]

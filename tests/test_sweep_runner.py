@@ -16,8 +16,15 @@ import pytest
 
 import train.run
 from experiments import scaling_fit, sweep
-from experiments.scaling import analysis, spec
-from experiments.scaling.results import RECORD_FIELDS, read_records, results_path
+from experiments.scaling import analysis, runner, spec
+from experiments.scaling.results import (
+    RECORD_FIELDS,
+    SWEEP_META_FILE,
+    merge_records,
+    read_records,
+    results_path,
+    run_record_path,
+)
 from tests.test_scaling_fits import SMALL_GRID
 from train.checkpoints import Checkpointer
 
@@ -91,6 +98,20 @@ def test_a_finished_run_is_not_redone(smoke):
   assert again == []
 
 
+def test_results_jsonl_is_derived_from_the_run_records(smoke):
+  workdir = smoke["workdir"]
+  with open(results_path(workdir)) as f:
+    before = f.read()
+  for r in read_records(results_path(workdir)):  # each line is its run's own record
+    with open(run_record_path(workdir, r["name"])) as f:
+      assert json.load(f)["finished_at"] == r["finished_at"]
+  os.remove(results_path(workdir))
+  assert [r["name"] for r in merge_records(workdir)] == [r.name for r in smoke["sweep"].runs]
+  merge_records(workdir)  # idempotent
+  with open(results_path(workdir)) as f:
+    assert f.read() == before
+
+
 def test_records_carry_the_documented_schema(smoke):
   workdir = smoke["workdir"]
   for r in read_records(results_path(workdir)):
@@ -107,9 +128,9 @@ def test_records_carry_the_documented_schema(smoke):
     assert os.path.exists(os.path.join(workdir, r["metrics_path"]))
     assert r["val_curve"][-1][0] == r["steps"] and r["train_curve"][-1][0] == r["steps"]
     assert r["config"]["num_steps"] == r["steps"] and r["config"]["optim"]["lr"] == r["lr"]
-    assert r["config_hash"] == sweep.config_hash(r["config"])
+    assert r["config_hash"] == runner.config_hash(r["config"])
     assert r["wall_time_s"] > 0 and r["runner_wall_time_s"] > 0 and len(r["load_average"]) == 3
-  with open(os.path.join(workdir, sweep.SWEEP_META_FILE)) as f:
+  with open(os.path.join(workdir, SWEEP_META_FILE)) as f:
     meta = json.load(f)
   assert meta["command"] == "first"  # the first invocation's command and start are kept
   assert [i["command"] for i in meta["invocations"]][:3] == ["first", "second", "third"]
@@ -149,7 +170,7 @@ def test_an_interrupted_run_stops_the_sweep_without_a_record(tmp_path, monkeypat
     calls.append(workdir)
     return {"status": "interrupted by SIGTERM"}
 
-  monkeypatch.setattr(sweep, "train_and_evaluate", interrupted)
+  monkeypatch.setattr(runner, "train_and_evaluate", interrupted)
   written = sweep.run_sweep(spec.load_sweep(SMOKE), str(tmp_path), log=lambda *_: None)
   assert written == [] and len(calls) == 1
   assert read_records(results_path(str(tmp_path))) == []
@@ -165,7 +186,7 @@ def test_a_signal_between_runs_stops_the_sweep_after_the_current_run(tmp_path, m
             "n_params_non_embedding": 100, "tokens_seen": 1000.0, "flops_per_token": 900.0,
             "val_loss": 2.0, "best_val_loss": 2.0, "val_bpb": 3.0, "total_wall_time_s": 1.0}
 
-  monkeypatch.setattr(sweep, "train_and_evaluate", signalled_then_finished)
+  monkeypatch.setattr(runner, "train_and_evaluate", signalled_then_finished)
   written = sweep.run_sweep(spec.load_sweep(SMOKE), str(tmp_path), log=lambda *_: None)
   assert len(calls) == 1 and [r["name"] for r in written] == [spec.load_sweep(SMOKE).runs[0].name]
   assert len(read_records(results_path(str(tmp_path)))) == 1
@@ -176,7 +197,7 @@ def test_plan_and_sweep_names():
   assert sweep.resolve_sweep_path("cpu") == os.path.join("experiments", "sweeps", "cpu.py")
   assert sweep.resolve_sweep_path("my/sweep.py") == "my/sweep.py"
   smoke_sweep = spec.load_sweep(SMOKE)
-  rows = sweep.plan(smoke_sweep)
-  text = sweep.format_plan(rows, {rows[0]["name"]})
+  rows = runner.plan(smoke_sweep)
+  text = runner.format_plan(rows, {rows[0]["name"]})
   assert all(r.name in text for r in smoke_sweep.runs)
   assert "done" in text and "3 runs" in text

@@ -3,13 +3,16 @@ the same command resumes and finishes, the summary says how to sample."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from absl import flags
 
+from train import distributed
 from train.config_lib import ConfigError, from_command_line, load_config, model_config
 from train.metrics import read_metrics
 
@@ -64,6 +67,31 @@ def test_overrides_are_typed_like_the_command_line():
   with pytest.raises(ConfigError, match="rope_scaling.*missing key"):
     load_config("train/configs/tiny.py", {"model.position": "rope",
                                           "model.rope_scaling": {"factor": 8.0}})
+
+
+def test_multi_process_flags_are_checked(monkeypatch, tmp_path):
+  for key in list(os.environ):  # no cluster around (the test may itself run under SLURM)
+    if key.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "KUBERNETES_", "TPU_")):
+      monkeypatch.delenv(key)
+
+  def parsed(*args):
+    values = flags.FlagValues()
+    distributed.define_flags(values)
+    values(["train", *args])
+    return values
+
+  assert distributed.initialize(parsed()) is False  # one process: nothing to join
+  with pytest.raises(distributed.DistributedError, match="together, or --distributed"):
+    distributed.initialize(parsed("--num_processes=2", "--process_id=0"))
+  # jax.distributed.initialize must run before any JAX backend starts: in a fresh process.
+  env = {k: v for k, v in ENV.items()
+         if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "KUBERNETES_", "TPU_"))}
+  result = subprocess.run([sys.executable, "-m", "train", "--distributed",
+                           "--config=train/configs/tiny.py", f"--workdir={tmp_path}"],
+                          env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert re.search("coordinator_address should be defined.*no TPU pod, SLURM", result.stderr)
+  assert not os.listdir(tmp_path)  # nothing written
 
 
 def test_help_prints_usage_and_the_configs():

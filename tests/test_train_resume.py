@@ -142,21 +142,41 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _launch_flags(launch, port, process_id):
+  """(extra flags, extra environment) of process `process_id` of 2."""
+  if launch == "flags":
+    return [f"--coordinator_address=localhost:{port}", "--num_processes=2",
+            f"--process_id={process_id}"], {}
+  # `srun -n 2` on one node sets these; jax.distributed's auto-detection reads them.
+  return ["--distributed"], {
+      "SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+      "SLURM_PROCID": str(process_id), "SLURM_LOCALID": str(process_id),
+      "JAX_COORDINATOR_PORT": str(port)}
+
+
 @pytest.mark.slow
-def test_two_processes_match_one(straight, tmp_path):
-  """jax.distributed on CPU: 2 processes x 4 devices == 1 process x 8 devices."""
+@pytest.mark.parametrize("launch", ["flags", "slurm"])
+def test_two_processes_match_one(straight, tmp_path, launch):
+  """`python -m train` as 2 processes x 4 devices == 1 process x 8 devices, launched with the
+  explicit flags or with --distributed in a (simulated) SLURM step; process 0 alone writes the
+  metrics and config, every process writes its shards of the checkpoint."""
   root, workdir, _ = straight
   multi = str(tmp_path / "multi")
   port = _free_port()
   # The same XLA flags as this process (none of train/xla_flags.py), so the numbers agree.
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu", "TRANSFORMER_LAB_NO_XLA_FLAGS": "1"}
+  for key in list(env):  # the test may itself run under SLURM
+    if key.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR")):
+      del env[key]
   args = [sys.executable, "-m", "train", "--config=train/configs/tiny.py", f"--workdir={multi}",
           f"--config.num_steps={2 * N}", "--config.log_every=1", f"--config.eval_every={2 * N}",
-          f"--config.checkpoint_every={N}", f"--config.data.cache_dir={root}/cache",
-          f"--coordinator_address=localhost:{port}", "--num_processes=2"]
-  procs = [subprocess.Popen(args + [f"--process_id={i}"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+          f"--config.checkpoint_every={N}", f"--config.data.cache_dir={root}/cache"]
+  procs = []
+  for i in range(2):
+    extra_flags, extra_env = _launch_flags(launch, port, i)
+    procs.append(subprocess.Popen(args + extra_flags, env={**env, **extra_env},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   outputs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outputs, strict=True):
     assert p.returncode == 0, out[-3000:]
@@ -165,3 +185,8 @@ def test_two_processes_match_one(straight, tmp_path):
   np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=2e-5)
   with open(os.path.join(multi, "summary.json")) as f:
     assert json.load(f)["devices"] == 8
+  train_rows = [r["step"] for r in read_metrics(multi, "train")]
+  assert train_rows == sorted(set(train_rows))  # one writer: no step logged twice
+  assert "training summary" in outputs[0] and "training summary" not in outputs[1]
+  params_dir = os.path.join(multi, "checkpoints", str(2 * N), "params")
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(params_dir))

@@ -4,8 +4,11 @@
   --config.a.b=value      override any key of it (an unknown key fails, with the closest ones)
   --workdir=DIR           config.json, tokenizer, checkpoints/, metrics.jsonl, TensorBoard
                           events; rerunning the same command resumes from the last checkpoint
+  --distributed           multi-process: jax.distributed.initialize() detects the cluster
+                          (TPU pod slice, SLURM, Open MPI, Kubernetes); the same command
+                          in every process, the workdir on storage they all see
   --coordinator_address=host:port --num_processes=N --process_id=i
-                          one process per host: calls jax.distributed.initialize
+                          multi-process, explicitly (what --distributed leaves unset)
 
 Exit status: 0 when the run completed, 1 on a bad config or input, 2 when the
 loss diverged (the last good checkpoint is kept), 3 when writing to the workdir
@@ -20,20 +23,17 @@ import signal
 import sys
 import threading
 
-import jax
 from absl import app, flags, logging
 
 from model import store
-from train import config_lib, xla_flags
+from train import config_lib, distributed, xla_flags
 from train.checkpoints import SaveFailed
 from train.corpus import CorpusError
 from train.trainer import TrainingDiverged, train_and_evaluate
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it has a checkpoint).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+distributed.define_flags(FLAGS)
 
 HELP_ARGS = ("--help", "-help", "-h", "--helpshort", "-?")
 _config = None  # the run config, parsed with the flags
@@ -99,10 +99,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     store.quiet_orbax_errors()  # a failed save or restore is one line of ours
   xla_flags.apply()  # before JAX starts its backend: faster CPU kernels (train/xla_flags.py)
-  if FLAGS.coordinator_address:
-    # CPU processes exchange arrays through gloo; accelerators use their own collectives.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  try:
+    distributed.initialize(FLAGS)
+  except distributed.DistributedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   background = _BackgroundErrors().__enter__()
   try:
     summary = train_and_evaluate(_config, FLAGS.workdir)

@@ -1,8 +1,14 @@
-"""results.jsonl: one record per finished sweep run (the schema below), read and written safely.
+"""Sweep results: each run's record in its own directory, results.jsonl derived from them.
 
-A record is appended (one line, flushed and fsynced) only after its run has finished, so
-the file lists exactly the finished runs; a line cut short by a kill is ignored with a
-warning when the file is read back, and that run is simply run (resumed) again.
+  runs/NAME/result.json   written (atomically) by the process that finished the run
+  results.jsonl           one line per record, in the sweep's plan order: merge_records()
+                          rewrites it (atomically) from the run directories
+
+Records are written only after a run has finished, so the run directories say exactly
+which runs are done, whatever ran them (one process, Ray tasks on many nodes, a job array):
+no two writers ever append to one file, and merging again gives the same file.
+A workdir of the older runner (one line appended to results.jsonl per run, no result.json)
+is taken over by the first merge, which copies those records into their run directories.
 """
 
 from __future__ import annotations
@@ -14,7 +20,12 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
+from model import store
+
 RESULTS_FILE = "results.jsonl"
+RUN_RECORD_FILE = "result.json"  # in each run's directory
+RUNS_DIR = "runs"  # the sweep workdir's run directories: RUNS_DIR/NAME
+SWEEP_META_FILE = "sweep.json"  # the sweep, its plan and the commands that ran it
 SCHEMA_VERSION = 1
 
 # field -> what it holds. Every record carries every field (None where it does not apply).
@@ -70,23 +81,78 @@ def check_record(record: dict[str, Any]) -> None:
     raise ResultsError(f"record {record.get('name')!r} lacks fields {missing}")
 
 
-def append_record(path: str, record: dict[str, Any]) -> None:
-  """Append one record as a JSON line, durably (flush + fsync)."""
+def run_record_path(workdir: str, name: str) -> str:
+  return os.path.join(workdir, RUNS_DIR, name, RUN_RECORD_FILE)
+
+
+def _dumps(record: dict[str, Any], **kwargs) -> str:
+  return json.dumps(record, sort_keys=True, default=_json_default, allow_nan=True, **kwargs)
+
+
+def write_run_record(workdir: str, record: dict[str, Any]) -> str:
+  """Write a finished run's record into its run directory (atomically); returns the path."""
   check_record(record)
-  line = json.dumps(record, sort_keys=True, default=_json_default, allow_nan=True)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  # A previous writer killed mid-line leaves no newline: start on a fresh line.
-  needs_newline = os.path.exists(path) and os.path.getsize(path) > 0 and not _ends_in_newline(path)
-  with open(path, "a") as f:
-    f.write(("\n" if needs_newline else "") + line + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+  path = run_record_path(workdir, record["name"])
+  with store.atomic_open(path) as f:
+    f.write(_dumps(record, indent=1) + "\n")
+  return path
 
 
-def _ends_in_newline(path: str) -> bool:
-  with open(path, "rb") as f:
-    f.seek(-1, os.SEEK_END)
-    return f.read(1) == b"\n"
+def read_run_record(workdir: str, name: str) -> dict[str, Any] | None:
+  """The record of run `name`, or None while it has not finished."""
+  path = run_record_path(workdir, name)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ResultsError(f"{path}: unreadable run record ({e}); delete that run's directory "
+                       "to run it again") from None
+  if not isinstance(record, dict) or record.get("name") != name:
+    raise ResultsError(f"{path}: not the record of run {name!r}")
+  return record
+
+
+def write_records(path: str, records: Iterable[dict[str, Any]]) -> None:
+  """Write a results.jsonl holding `records` (atomically: a reader sees the old or new file)."""
+  with store.atomic_open(path) as f:
+    for record in records:
+      check_record(record)
+      f.write(_dumps(record) + "\n")
+
+
+def merge_records(workdir: str) -> list[dict[str, Any]]:
+  """Rewrite WORKDIR/results.jsonl from the run records; returns them.
+
+  The order is the plan's (sweep.json), then any other runs by name. A workdir of the older
+  runner (run directories, none with a result.json) has the records of its results.jsonl
+  written into their run directories first; a workdir without run directories (a copy of
+  results.jsonl kept beside a report) is only read.
+  """
+  runs_dir = os.path.join(workdir, RUNS_DIR)
+  if not os.path.isdir(runs_dir):
+    return read_records(results_path(workdir))
+  names = {n for n in os.listdir(runs_dir) if os.path.isdir(os.path.join(runs_dir, n))}
+  found = {n: r for n in sorted(names) if (r := read_run_record(workdir, n)) is not None}
+  if not found:  # perhaps a workdir of the runner that appended to results.jsonl
+    for old in read_records(results_path(workdir)):
+      if old["name"] in names:
+        found[old["name"]] = old
+        write_run_record(workdir, old)
+      else:
+        warnings.warn(f"{results_path(workdir)}: dropping the record of {old['name']!r}: its "
+                      "run directory is gone", stacklevel=2)
+  meta_path = os.path.join(workdir, SWEEP_META_FILE)
+  plan = []
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      plan = [r["name"] for r in json.load(f).get("runs", [])]
+  ordered = [n for n in dict.fromkeys(plan) if n in found]
+  ordered += sorted(set(found) - set(ordered))
+  records = [found[n] for n in ordered]
+  write_records(results_path(workdir), records)
+  return records
 
 
 def _json_default(value):
@@ -99,7 +165,8 @@ def _json_default(value):
 
 def read_records(path: str) -> list[dict[str, Any]]:
   """The records of a results.jsonl (a missing file: none). Unparseable lines are skipped with a
-  warning (a write cut short by a kill); a later record with the same name replaces an earlier."""
+  warning (an older file appended to by a killed writer); a later record with the same name
+  replaces an earlier."""
   if not os.path.exists(path):
     return []
   by_name: dict[str, dict[str, Any]] = {}
