@@ -1,1 +1,0 @@
-"""Experiments: benchmarks, sweeps, scaling-law fits, interpretability, notebooks."""

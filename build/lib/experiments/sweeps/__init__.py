@@ -1,1 +1,0 @@
-"""Sweep files: each defines get_sweep() -> experiments.scaling.spec.Sweep (see its docstring)."""

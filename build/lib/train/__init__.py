@@ -1,1 +1,0 @@
-"""Training: absl entry point, configs, data, optimizer, jitted steps, checkpoints."""

@@ -1,1 +1,0 @@
-"""Run configs: each file's get_config() returns an ml_collections.ConfigDict (see default.py)."""
