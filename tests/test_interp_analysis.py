@@ -85,17 +85,17 @@ def test_final_logit_lens_readout_is_the_models_logits(overrides):
   logits_BTV, _ = jax.jit(model.apply, static_argnums=0)(cfg, params, tokens_BT)
   result = lens.logit_lens(cfg, params, tokens_BT, top_k=3)
   assert result.labels == ["embed", "layer 0", "layer 1"]
-  np.testing.assert_allclose(result.logits_RBTV[-1], logits_BTV, atol=1e-5)
-  assert not np.allclose(result.logits_RBTV[0], logits_BTV, atol=1e-3)
+  np.testing.assert_allclose(result.logits_UBTV[-1], logits_BTV, atol=1e-5)
+  assert not np.allclose(result.logits_UBTV[0], logits_BTV, atol=1e-3)
   # Ranks and probabilities read the same readouts: rank 0 <=> the target is the top token.
   targets = np.concatenate([tokens_BT[:, 1:], logits_BTV[:, -1:].argmax(-1)], 1)
-  probs = jax.nn.softmax(result.logits_RBTV, -1)
-  np.testing.assert_allclose(result.target_prob_RBT,
+  probs = jax.nn.softmax(result.logits_UBTV, -1)
+  np.testing.assert_allclose(result.target_prob_UBT,
                              np.take_along_axis(probs, targets[None, ..., None], -1)[..., 0],
                              rtol=1e-5)
-  np.testing.assert_array_equal(result.target_rank_RBT == 0,
-                                result.top_ids_RBTK[..., 0] == targets[None])
-  assert result.target_rank_RBT[-1, 0, -1] == 0
+  np.testing.assert_array_equal(result.target_rank_UBT == 0,
+                                result.top_ids_UBTZ[..., 0] == targets[None])
+  assert result.target_rank_UBT[-1, 0, -1] == 0
 
 
 def test_training_data_repeats_a_random_prefix():

@@ -100,7 +100,13 @@ except OSError:  # not glibc (macOS, musl): nothing to trim
 
 class _OrbaxErrorLogs(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+    if record.levelno < logging.ERROR:
+      return True
+    # asyncio reports orbax's failed write tasks when they are garbage-collected ("Task
+    # exception was never retrieved"); the task's repr names orbax's coroutine.
+    from_orbax = "orbax" in record.pathname or (
+        record.name == "asyncio" and "orbax" in record.getMessage())
+    return not from_orbax
 
 
 def quiet_orbax_errors() -> None:
