@@ -30,7 +30,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from model import store
 
@@ -195,6 +195,7 @@ def inject(fault: str, job: Job, rng: random.Random, duration: float) -> dict:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO: keep the table
   rng = random.Random(FLAGS.seed)
   root = tempfile.mkdtemp(prefix="faults-")
   cache = os.path.join(root, "cache")

@@ -20,7 +20,7 @@ from train.corpus import Corpus, split_of, stdlib_root
 from train.data import prepare_data
 from train.packing import PackedWindows
 from train.prepare import PrepareError, Sources, prepare
-from train.shards import TokenStream
+from train.shards import ShardWriter, TokenStream
 from train.trainer import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,6 +116,28 @@ def test_an_interrupted_prepare_continues_where_it_stopped(prepared, tmp_path, m
     want = prepared[1].manifest["splits"][split]
     got = again.manifest["splits"][split]
     assert (got["tokens"], got["pieces"]) == (want["tokens"], want["pieces"])
+
+
+def test_a_shard_is_written_as_its_pieces_arrive_and_an_abort_leaves_nothing(tmp_path):
+  """Memory stays at one piece: the open shard is on disk (a temporary file) before it is
+  full; flushing makes it appear whole; aborting removes it and lists nothing."""
+  def files():
+    return sorted(f for _, _, names in os.walk(tmp_path) for f in names)
+
+  writer = ShardWriter(str(tmp_path), "train", np.dtype("<u2"), eot_id=0, shard_tokens=100)
+  writer.add(np.array([5, 6, 7]))
+  writer.add(np.array([8]))
+  assert writer.buffered == 6 and [f for f in files() if f.endswith(".tmp")]
+  writer.abort()
+  assert files() == [] and writer.shards == [] and writer.buffered == 0
+  writer.add(np.array([5, 6, 7]))
+  writer.add(np.array([8]))
+  writer.flush()
+  assert files() == ["00000.starts.npy", "00000.tokens"]
+  tokens = np.fromfile(tmp_path / "train" / "00000.tokens", "<u2")
+  np.testing.assert_array_equal(tokens, [5, 6, 7, 0, 8, 0])
+  np.testing.assert_array_equal(np.load(tmp_path / "train" / "00000.starts.npy"), [0, 4])
+  assert writer.shards == [{"file": "train/00000.tokens", "tokens": 6, "pieces": 2}]
 
 
 def test_a_finished_prepare_is_reused_and_another_tokenizer_refused(prepared, tmp_path):

@@ -306,17 +306,22 @@ def _tokenize(root, sources, tokenizer, existing, workers, shard_tokens, log, pr
   index, t0 = done, time.time()
   if total is not None and total < PROCESSES_FROM_BYTES:
     workers = 1
-  for results in _encoded(_batches(pieces, BATCH_PIECES), tokenizer, local_path(root),
-                          workers):
-    written = len(writers["train"].shards)
-    for split, nbytes, ids in results:
-      writers[split].add(ids)
-      bar.update(nbytes)
-    index += len(results)
-    if len(writers["train"].shards) > written:  # a train shard was written: commit this batch
-      _commit(root, writers, index)
-  for writer in writers.values():
-    writer.flush()
+  try:
+    for results in _encoded(_batches(pieces, BATCH_PIECES), tokenizer, local_path(root),
+                            workers):
+      written = len(writers["train"].shards)
+      for split, nbytes, ids in results:
+        writers[split].add(ids)
+        bar.update(nbytes)
+      index += len(results)
+      if len(writers["train"].shards) > written:  # a train shard was written: commit
+        _commit(root, writers, index)
+    for writer in writers.values():
+      writer.flush()
+  except BaseException:  # the shards being written are not listed anywhere: remove them
+    for writer in writers.values():
+      writer.abort()
+    raise
   bar.close()
   for split in ("train", "val"):
     if not writers[split].shards:

@@ -19,6 +19,7 @@ gs://, ...) is read through fsspec one range at a time.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -28,7 +29,7 @@ import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
 
-from model.store.files import atomic_path, write_json
+from model.store.files import atomic_open, atomic_path, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -93,45 +94,64 @@ def remove_file(path: str) -> None:
 
 
 class ShardWriter:
-  """Appends document pieces of one split; each flush writes one shard file."""
+  """Appends document pieces of one split; a shard file is written as its pieces arrive and
+  appears (atomically, locally) when it is full or flushed, so memory stays at one piece."""
 
   def __init__(self, root: str, split: str, dtype: np.dtype, eot_id: int, shard_tokens: int,
                shards: Sequence[dict] = ()):
     self.root, self.split, self.dtype = root, split, np.dtype(dtype)
     self.eot_id, self.shard_tokens = int(eot_id), int(shard_tokens)
     self.shards = [dict(s) for s in shards]  # written so far: {file, tokens, pieces}
-    self._pieces: list[np.ndarray] = []
+    self._lengths: list[int] = []
     self._buffered = 0
+    self._open: contextlib.ExitStack | None = None  # the shard being written
+    self._file = None
 
   @property
   def buffered(self) -> int:
     return self._buffered
+
+  def _name(self) -> str:
+    return f"{self.split}/{len(self.shards):05d}"
 
   def add(self, ids: np.ndarray) -> None:
     """One document piece: its ids, then the end-of-text id (the piece ends with it)."""
     piece = np.empty(len(ids) + 1, self.dtype)
     piece[:-1] = ids
     piece[-1] = self.eot_id
-    self._pieces.append(piece)
+    if self._open is None:
+      self._open = contextlib.ExitStack()
+      path = join(self.root, f"{self._name()}.tokens")
+      if is_url(self.root):  # object stores make the object whole when it is closed
+        self._file = self._open.enter_context(fsspec.open(path, "wb"))
+      else:
+        self._file = self._open.enter_context(atomic_open(path, "wb"))
+    self._file.write(piece.tobytes())
+    self._lengths.append(len(piece))
     self._buffered += len(piece)
     if self._buffered >= self.shard_tokens:
       self.flush()
 
   def flush(self) -> None:
-    if not self._pieces:
+    if self._open is None:
       return
-    name = f"{self.split}/{len(self.shards):05d}"
-    lengths = np.array([len(p) for p in self._pieces], np.int64)
+    name = self._name()
+    self._open.close()  # the tokens file appears
+    lengths = np.array(self._lengths, np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    if not is_url(self.root):
-      os.makedirs(join(self.root, self.split), exist_ok=True)
     buffer = io.BytesIO()
     np.save(buffer, starts)
     write_bytes(join(self.root, f"{name}.starts.npy"), buffer.getvalue())
-    write_bytes(join(self.root, f"{name}.tokens"), np.concatenate(self._pieces).tobytes())
     self.shards.append({"file": f"{name}.tokens", "tokens": int(lengths.sum()),
-                        "pieces": len(self._pieces)})
-    self._pieces, self._buffered = [], 0
+                        "pieces": len(lengths)})
+    self._open, self._file, self._lengths, self._buffered = None, None, [], 0
+
+  def abort(self) -> None:
+    """Drop the shard being written (a failed or interrupted prepare): its temporary file is
+    removed; the shards already listed stay."""
+    if self._open is not None:
+      self._open.__exit__(RuntimeError, RuntimeError("prepare stopped"), None)
+    self._open, self._file, self._lengths, self._buffered = None, None, [], 0
 
   def summary(self) -> dict:
     return {"shards": self.shards, "tokens": sum(s["tokens"] for s in self.shards),
