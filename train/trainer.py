@@ -33,9 +33,10 @@ import ml_collections
 import model
 from model import store
 from sample.engine import generate_ids
-from train import flops
+from train import config_lib, flops
 from train.data import eval_batches
 from train.metrics import IntervalAccumulator, MetricsWriter, Progress, StepTimer
+from train.profiling import StepProfiler
 from train.run import Run, setup
 from train.signals import StopSignals
 from train.state import put_batch
@@ -70,7 +71,14 @@ class Trainer:
     self.acc = IntervalAccumulator(carried=run.meta["interval"])  # a row spanning a restart
     self.timer = StepTimer()
     self.in_flight = None  # the latest step's metrics, possibly not computed yet
-    self.writer = MetricsWriter(run.workdir, tensorboard=self.config.tensorboard)
+    try:  # a tracker that cannot start (W&B) ends the run before its first step
+      self.writer = MetricsWriter(run.workdir, trackers=tuple(self.config.trackers),
+                                  config=config_lib.to_dict(self.config))
+    except BaseException:
+      run.checkpointer.close()
+      raise
+    self.profiler = StepProfiler(run.workdir, self.config.profile.start_step,
+                                 self.config.profile.num_steps)
     self.progress = Progress(self.config.num_steps, initial=self.global_step,
                              enabled=self.config.progress_bar)
 
@@ -89,8 +97,9 @@ class Trainer:
 
   def step(self) -> None:
     """One optimizer update. The first step of a session compiles: it runs alone, untimed."""
-    batch = put_batch(next(self.run.iterator), self.run.mesh, self.micro_rows)
-    self.state, metrics = self.run.train_step(self.state, batch)
+    with self.profiler.step(self.global_step):
+      batch = put_batch(next(self.run.iterator), self.run.mesh, self.micro_rows)
+      self.state, metrics = self.run.train_step(self.state, batch)
     if self.in_flight is None:
       self.timer.stop(metrics)
       self.timer.start()
@@ -102,6 +111,7 @@ class Trainer:
     self.global_step += 1
     self.tokens_seen += self.batch_tokens
     self.progress.update(1)
+    self.profiler.done(self.global_step, metrics)
 
   def _pause(self) -> None:
     """Wait for the dispatched steps and stop the clock (before evaluating or saving)."""
@@ -203,6 +213,7 @@ class Trainer:
 
   # ---- the end -----------------------------------------------------------------------------
   def close(self) -> None:
+    self.profiler.close()  # a trace whose window the run did not finish
     self.progress.close()
     self.run.checkpointer.close()
     self.writer.close()
