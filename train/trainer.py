@@ -21,13 +21,11 @@ with `TrainingDiverged` without saving the broken state.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 import model
@@ -40,6 +38,7 @@ from train.profiling import StepProfiler
 from train.run import Run, setup
 from train.signals import StopSignals
 from train.state import put_batch
+from train.steps import evaluate_windows
 from train.summary import format_summary, sample_command
 
 SUMMARY_FILE = "summary.json"
@@ -158,22 +157,11 @@ class Trainer:
     self._pause()
     self._check_finite()
     rows = self.config.eval_batch_size or self.micro_rows
-    byte_lengths_V = jnp.asarray(self.run.data.byte_lengths, jnp.float32)
-    totals = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
-    for batch in eval_batches(self.run.data.val, batch_size=rows,
-                              max_batches=self.config.eval_batches):
-      out = self.run.eval_step(self.state.params, put_batch(batch, self.run.mesh, rows),
-                               byte_lengths_V)
-      # One multi-device program in flight at a time: eval steps do not depend on each other,
-      # and on CPU devices dozens of them queued at once competed for the same threads (a
-      # collective timed out under load). The host sum costs nothing next to a forward pass.
-      for key, value in jax.device_get(out).items():
-        totals[key] += float(value)
-    loss = totals["loss_sum"] / max(totals["tokens"], 1.0)
-    self.last_eval = {
-        "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
-        "val_bpb": totals["loss_sum"] / math.log(2) / max(totals["bytes"], 1.0),
-        "val_tokens": totals["tokens"], "val_bytes": totals["bytes"]}
+    self.last_eval = evaluate_windows(
+        self.run.eval_step, self.state.params,
+        eval_batches(self.run.data.val, batch_size=rows, max_batches=self.config.eval_batches),
+        mesh=self.run.mesh, rows=rows, byte_lengths_V=self.run.data.byte_lengths)
+    loss = self.last_eval["val_loss"]
     if self.global_step == 0 and self.run.base is not None:
       self.base_val = loss  # a LoRA run's base, before any update
     self.best_val = loss if self.best_val is None else min(self.best_val, loss)
