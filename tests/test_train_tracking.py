@@ -1,9 +1,10 @@
 """Trackers and profiling of a training run (config.trackers, config.profile).
 
-One tiny run with every tracker and a profiled window: TensorBoard's own event reader finds
-the scalars of metrics.jsonl; the offline W&B run (read back with W&B's own record protobuf)
+One tiny run with every tracker, resumed once: TensorBoard's own event reader finds the
+scalars of metrics.jsonl; the offline W&B run (read back with W&B's own record protobuf)
 holds the same metrics and the resolved config; resuming the workdir continues the same W&B
-run id; the profiled steps leave an xplane trace annotated with their step numbers.
+run id; each session's profiled steps leave an xplane trace annotated with their step
+numbers, the first session's although the run ended inside its window.
 """
 
 import glob
@@ -20,13 +21,14 @@ from train.metrics import WANDB_RUN_FILE, MetricsWriter, read_metrics, wandb_run
 from train.trainer import train_and_evaluate
 
 STEPS, MORE = 6, 8
-PROFILE_START, PROFILE_STEPS = 2, 2
+# (start_step, num_steps) per session: the first window runs past the end of its session.
+PROFILES = ((4, 5), (6, 1))
 
 
 def settings(root, **extra):
   return {"num_steps": STEPS, "log_every": 2, "eval_every": 3, "checkpoint_every": 3,
           "trackers": ("jsonl", "tensorboard", "wandb"), "wandb.project": "tracking-test",
-          "profile.start_step": PROFILE_START, "profile.num_steps": PROFILE_STEPS,
+          "profile.start_step": PROFILES[0][0], "profile.num_steps": PROFILES[0][1],
           "data.cache_dir": os.path.join(root, "cache"), **extra}
 
 
@@ -45,7 +47,8 @@ def run(tmp_path_factory):
     first = wandb_run_id(workdir)
     offline = glob.glob(os.path.join(workdir, "wandb", "offline-run-*"))
     train_and_evaluate(load_config("train/configs/tiny.py", settings(
-        root, num_steps=MORE, **{"profile.num_steps": 0})), workdir)
+        root, num_steps=MORE, **{"profile.start_step": PROFILES[1][0],
+                                 "profile.num_steps": PROFILES[1][1]})), workdir)
   finally:
     for key, value in saved.items():
       if value is None:
@@ -132,14 +135,18 @@ def test_wandb_offline_run_holds_metrics_and_config_and_resumes_its_id(run):
 
 def test_profile_traces_the_chosen_steps(run):
   workdir, _, _ = run
-  (xplane,) = glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
-  assert os.path.getsize(xplane) > 0
-  (trace,) = glob.glob(os.path.join(os.path.dirname(xplane), "*.trace.json.gz"))
-  with gzip.open(trace) as f:
-    events = json.load(f)["traceEvents"]
-  steps = {int(e["args"]["step_num"]) for e in events
-           if e.get("name") == "train" and "step_num" in e.get("args", {})}
-  assert steps == set(range(PROFILE_START, PROFILE_START + PROFILE_STEPS))
+  xplanes = sorted(glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"),
+                             recursive=True))
+  assert len(xplanes) == len(PROFILES)  # one trace per session
+  for xplane, (start, num_steps) in zip(xplanes, PROFILES, strict=True):
+    assert os.path.getsize(xplane) > 0
+    (trace,) = glob.glob(os.path.join(os.path.dirname(xplane), "*.trace.json.gz"))
+    with gzip.open(trace) as f:
+      events = json.load(f)["traceEvents"]
+    steps = {int(e["args"]["step_num"]) for e in events
+             if e.get("name") == "train" and "step_num" in e.get("args", {})}
+    last = min(start + num_steps, STEPS if start < STEPS else MORE)  # the session's end
+    assert steps == set(range(start, last))
 
 
 def test_bad_trackers_fail_in_one_line(tmp_path, monkeypatch):
