@@ -17,7 +17,13 @@ import pytest
 
 from train import config_lib
 from train.config_lib import ConfigError, load_config
-from train.metrics import WANDB_RUN_FILE, MetricsWriter, read_metrics, wandb_run_id
+from train.metrics import (
+    WANDB_RUN_FILE,
+    MetricsWriter,
+    TrackerError,
+    read_metrics,
+    wandb_run_id,
+)
 from train.trainer import train_and_evaluate
 
 STEPS, MORE = 6, 8
@@ -161,3 +167,10 @@ def test_bad_trackers_fail_in_one_line(tmp_path, monkeypatch):
     load_config("train/configs/tiny.py", {"trackers": ("wandb",)})
   with pytest.raises(ValueError, match="unknown trackers"):
     MetricsWriter(str(tmp_path), trackers=("csv",))
+  # Online without an account: one line that says what to do.
+  monkeypatch.delenv("WANDB_API_KEY", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+  monkeypatch.setenv("WANDB_MODE", "online")
+  with pytest.raises(TrackerError, match=r"did not start: .*API key.*WANDB_MODE=offline"):
+    MetricsWriter(str(tmp_path / "run"), trackers=("jsonl", "wandb"))

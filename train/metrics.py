@@ -116,10 +116,14 @@ class WandbTracker:
     if run_id is None:
       run_id = secrets.token_hex(4)  # W&B's id format: short, lowercase, alphanumeric
       store.write_json(os.path.join(workdir, WANDB_RUN_FILE), {"id": run_id})
-    self._run = wandb.init(
-        id=run_id, resume="allow", dir=workdir, config=config,
-        project=settings.get("project") or None, entity=settings.get("entity") or None,
-        name=settings.get("name") or os.path.basename(os.path.normpath(workdir)))
+    try:
+      self._run = wandb.init(
+          id=run_id, resume="allow", dir=workdir, config=config,
+          project=settings.get("project") or None, entity=settings.get("entity") or None,
+          name=settings.get("name") or os.path.basename(os.path.normpath(workdir)))
+    except wandb.errors.Error as e:  # not logged in, no network, a bad entity
+      raise TrackerError(f"Weights & Biases did not start: {e} (`wandb login`, or "
+                         "WANDB_MODE=offline to keep the run in WORKDIR/wandb/)") from e
 
   def write(self, step: int, kind: str, metrics: dict[str, Any]) -> None:
     row = {f"{kind}/{name}": value for name, value in _scalars(metrics).items()}
