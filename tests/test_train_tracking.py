@@ -56,6 +56,9 @@ def run(tmp_path_factory):
         root, num_steps=MORE, **{"profile.start_step": PROFILES[1][0],
                                  "profile.num_steps": PROFILES[1][1]})), workdir)
   finally:
+    import wandb
+
+    wandb.teardown()  # its process-wide settings (offline mode) must not outlive the fixture
     for key, value in saved.items():
       if value is None:
         os.environ.pop(key, None)
@@ -167,7 +170,11 @@ def test_bad_trackers_fail_in_one_line(tmp_path, monkeypatch):
     load_config("train/configs/tiny.py", {"trackers": ("wandb",)})
   with pytest.raises(ValueError, match="unknown trackers"):
     MetricsWriter(str(tmp_path), trackers=("csv",))
-  # Online without an account: one line that says what to do.
+  # Online without an account: one line that says what to do. (wandb keeps its settings, the
+  # mode included, in a process-wide singleton: drop the one an earlier offline run made.)
+  import wandb
+
+  wandb.teardown()
   monkeypatch.delenv("WANDB_API_KEY", raising=False)
   monkeypatch.setenv("HOME", str(tmp_path))
   monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
