@@ -50,7 +50,7 @@ FAULTS = ("kill", "sigterm", "sigint", "double_sigint", "truncated_params", "emp
 def command(workdir: str, cache: str, steps: int) -> list[str]:
   return [sys.executable, "-m", "train", "--config=train/configs/tiny.py", f"--workdir={workdir}",
           f"--config.num_steps={steps}", "--config.checkpoint_every=3", "--config.eval_every=12",
-          "--config.keep_checkpoints=3", "--config.log_every=1", "--config.tensorboard=False",
+          "--config.keep_checkpoints=3", "--config.log_every=1", "--config.trackers=('jsonl',)",
           f"--config.data.cache_dir={cache}"]
 
 

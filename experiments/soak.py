@@ -63,7 +63,7 @@ def main(argv):
              f"--workdir={workdir}", "--config.num_steps=100000000", "--config.log_every=5",
              f"--config.eval_every={FLAGS.eval_every}",
              f"--config.checkpoint_every={FLAGS.checkpoint_every}",
-             "--config.keep_checkpoints=2", "--config.tensorboard=True",
+             "--config.keep_checkpoints=2", "--config.trackers=('jsonl','tensorboard')",
              *(f"--config.{item}" for item in FLAGS.set)]
   env = {**os.environ, "TRANSFORMER_LAB_CPU_DEVICES": "1"}
   proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,

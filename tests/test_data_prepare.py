@@ -174,7 +174,7 @@ def test_memory_urls_from_corpus_to_training(tmp_path):
     assert_same_windows(remote, PackedWindows(TokenStream.open(local, split), 32,
                                               BYTES.pad_id))
   config = load_config("train/configs/tiny.py", {
-      "num_steps": 3, "eval_every": 3, "checkpoint_every": 3, "tensorboard": False,
+      "num_steps": 3, "eval_every": 3, "checkpoint_every": 3, "trackers": ("jsonl",),
       "data.prepared": "memory://prepared/json"})
   workdir = f"file://{tmp_path}/run"
   summary = train_and_evaluate(config, workdir)
@@ -231,7 +231,7 @@ def test_the_command_line_prepares_and_training_uses_the_shards(tmp_path):
   assert bad.returncode == 1 and "Traceback" not in bad.stderr
   assert "needs the `nosuchfs` package" in bad.stderr.strip().splitlines()[-1]
   config = load_config("train/configs/tiny.py", {
-      "num_steps": 3, "eval_every": 3, "checkpoint_every": 3, "tensorboard": False,
+      "num_steps": 3, "eval_every": 3, "checkpoint_every": 3, "trackers": ("jsonl",),
       "data.prepared": out})
   data = prepare_data(config, str(tmp_path / "run"))
   assert data.cache_hit and f"({'prepared before'}, {out})" in data.description

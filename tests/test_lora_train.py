@@ -49,7 +49,7 @@ def overrides(root, base, **extra):
   """A seconds-long LoRA run on the stdlib's email package (the base knows no text at all)."""
   return {"init_from": base, "num_steps": 2 * N, "batch_size": 8, "log_every": 1,
           "eval_every": 2 * N, "eval_batches": 2, "checkpoint_every": N, "keep_checkpoints": 5,
-          "progress_bar": False, "tensorboard": False, "peak_flops": 1e11, "sample_tokens": 0,
+          "progress_bar": False, "trackers": ("jsonl",), "peak_flops": 1e11, "sample_tokens": 0,
           "data.seq_len": 32, "data.cache_dir": os.path.join(root, "cache"),
           "data.corpus": os.path.join(stdlib_root(), "email", "*.py"),
           "data.split_chunk_chars": 2000, "optim.lr": 3e-2, "optim.warmup_steps": 1,

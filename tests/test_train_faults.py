@@ -33,7 +33,7 @@ STEPS = 6
 def tiny(root, **overrides):
   return load_config("train/configs/tiny.py", {
       "num_steps": STEPS, "log_every": 1, "eval_every": STEPS, "checkpoint_every": 2,
-      "keep_checkpoints": 5, "tensorboard": False,
+      "keep_checkpoints": 5, "trackers": ("jsonl",),
       "data.cache_dir": os.path.join(root, "cache"), **overrides})
 
 

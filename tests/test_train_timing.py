@@ -18,7 +18,7 @@ def run(tmp_path_factory):
   workdir = os.path.join(root, "run")
   config = load_config("train/configs/tiny.py", {
       "num_steps": STEPS, "log_every": 1, "eval_every": STEPS, "checkpoint_every": STEPS,
-      "tensorboard": False, "batch_size": 16, "data.seq_len": 64,
+      "trackers": ("jsonl",), "batch_size": 16, "data.seq_len": 64,
       "data.cache_dir": os.path.join(root, "cache")})
   summary = train_and_evaluate(config, workdir)
   return config, workdir, summary

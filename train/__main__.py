@@ -29,6 +29,7 @@ from model import store
 from train import config_lib, distributed, xla_flags
 from train.checkpoints import SaveFailed
 from train.corpus import CorpusError
+from train.metrics import TrackerError
 from train.trainer import TrainingDiverged, train_and_evaluate
 
 FLAGS = flags.FLAGS
@@ -107,7 +108,8 @@ def main(argv):
   background = _BackgroundErrors().__enter__()
   try:
     summary = train_and_evaluate(_config, FLAGS.workdir)
-  except (config_lib.ConfigError, CorpusError, store.WorkdirError, FileNotFoundError) as e:
+  except (config_lib.ConfigError, CorpusError, store.WorkdirError, FileNotFoundError,
+          TrackerError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   except TrainingDiverged as e:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import glob
+import importlib.util
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -33,6 +34,7 @@ from ml_collections.config_flags import config_path
 
 from model.config import LORA_TARGETS, RUNTIME_FIELDS, ModelConfig
 from model.presets import PRESETS, get_preset
+from train.metrics import TRACKERS
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -298,6 +300,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "must be non-empty when sample_tokens > 0")
   need(0.0 < config.data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
   need(config.eval_batches >= 0, "eval_batches", "must be >= 0 (0: the whole validation split)")
+  trackers = config.trackers
+  need(isinstance(trackers, (tuple, list)) and set(trackers) <= set(TRACKERS), "trackers",
+       f"must be a tuple of {TRACKERS} (e.g. --config.trackers=\"('jsonl','wandb')\")")
+  need("wandb" not in trackers or importlib.util.find_spec("wandb") is not None, "trackers",
+       "includes 'wandb' but the wandb package is not installed: pip install -e '.[wandb]' "
+       "(or pip install wandb)")
+  need(config.profile.num_steps >= 0, "profile.num_steps", "must be >= 0 (0: no trace)")
+  need(config.profile.start_step >= 1, "profile.start_step",
+       "must be >= 1 (the first step compiles; trace steps after it)")
   rank = config.model.lora_rank or 0
   if config.get("init_from") or rank:  # a LoRA fine-tune (train/finetune.py)
     need(config.get("init_from"), "init_from",
@@ -346,9 +357,10 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 # resuming with another value is an error, before anything is written.
 RESUMABLE_KEYS = (
     "num_steps", "log_every", "eval_every", "eval_batches", "eval_batch_size",
-    "checkpoint_every", "keep_checkpoints", "async_checkpoints", "progress_bar", "tensorboard",
+    "checkpoint_every", "keep_checkpoints", "async_checkpoints", "progress_bar", "trackers",
     "peak_flops", "sample_prompt", "sample_tokens", "sample_temperature", "batch_size",
     "grad_accum_steps", "mesh_shape", "init_from", "optim.*", "data.cache_dir", "data.workers",
+    "wandb.*", "profile.*",
     *(f"model.{name}" for name in RUNTIME_FIELDS))
 
 

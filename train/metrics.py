@@ -1,7 +1,7 @@
-"""Metrics: per-interval reduction, step timing, metrics.jsonl, TensorBoard, console output.
+"""Metrics: per-interval reduction, step timing, metrics.jsonl, trackers, console output.
 
-  writer = MetricsWriter(workdir)                   # only process 0 writes
-  writer.write(step, "train", {"loss": 2.1, ...})   # one JSON line + TensorBoard scalars
+  writer = MetricsWriter(workdir, trackers=("tensorboard", "wandb"), config=config_dict)
+  writer.write(step, "train", {"loss": 2.1, ...})   # one JSON line + each tracker's scalars
   acc = IntervalAccumulator(); acc.add(metrics); acc.reduce_and_reset()
   timer = StepTimer(); timer.start(); ...; timer.stop(outputs); steps, seconds = timer.interval()
 
@@ -9,6 +9,12 @@ Every line of metrics.jsonl is one JSON object with "step", "kind" ("train",
 "eval", "sample" or "summary"), "time" (seconds since the epoch) and the
 metrics: train lines carry loss, lr, grad_norm, param_norm, tokens_seen,
 tokens_per_sec, step_time_s, mfu; eval lines val_loss, val_ppl, val_bpb.
+
+Trackers (config.trackers) receive the same rows: metrics.jsonl is always written
+("jsonl" may be listed, for clarity); "tensorboard" writes event files into the
+workdir (scalars as KIND/NAME, samples as text); "wandb" logs to Weights & Biases
+with the resolved config attached, under a run id kept in WORKDIR/wandb_run.json so
+a resumed run continues the same W&B run. Only process 0 writes to any of them.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from typing import Any
@@ -25,7 +32,11 @@ import numpy as np
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from model import store
+
 METRICS_FILE = "metrics.jsonl"
+WANDB_RUN_FILE = "wandb_run.json"
+TRACKERS = ("jsonl", "tensorboard", "wandb")
 
 
 def read_metrics(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:
@@ -46,17 +57,112 @@ def _jsonable(value):
   return value
 
 
-class MetricsWriter:
-  """Appends to metrics.jsonl and writes TensorBoard scalars (process 0 only)."""
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+  return {name: float(value) for name, value in metrics.items()
+          if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)}
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool | None = None):
+
+class TensorBoardTracker:
+  """Event files in the workdir (`tensorboard --logdir runs/`): scalars KIND/NAME, samples."""
+
+  def __init__(self, workdir: str, config: dict | None = None):
+    del config
+    self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+
+  def write(self, step: int, kind: str, metrics: dict[str, Any]) -> None:
+    for name, value in _scalars(metrics).items():
+      self._tb.add_scalar(f"{kind}/{name}", value, step)
+    if kind == "sample":
+      for name, value in metrics.items():
+        if isinstance(value, str):
+          self._tb.add_text(f"{kind}/{name}", value, step)
+
+  def close(self) -> None:
+    self._tb.close()
+
+
+class TrackerError(RuntimeError):
+  """A tracker that config.trackers asks for cannot start."""
+
+
+def wandb_run_id(workdir: str) -> str | None:
+  """The W&B run id a workdir's run logs to (None before its first start with 'wandb')."""
+  path = os.path.join(workdir, WANDB_RUN_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)["id"]
+
+
+class WandbTracker:
+  """Weights & Biases: one W&B run per workdir, resumed by id; scalars KIND/NAME at `step`.
+
+  The id is drawn once and written to WORKDIR/wandb_run.json before the run starts, so a
+  restarted run (same workdir) continues the same W&B run (`resume="allow"`). The client's
+  own files go to WORKDIR/wandb/ (WANDB_MODE=offline keeps everything there, for
+  `wandb sync`). `config` (the resolved run config) is attached to the run; its `wandb`
+  section names the project, entity and run name.
+  """
+
+  def __init__(self, workdir: str, config: dict | None = None):
+    try:
+      import wandb
+    except ImportError as e:
+      raise TrackerError("config.trackers includes 'wandb' but the wandb package is not "
+                         "installed: pip install -e '.[wandb]' (or pip install wandb)") from e
+    config = config or {}
+    settings = config.get("wandb") or {}
+    run_id = wandb_run_id(workdir)
+    if run_id is None:
+      run_id = secrets.token_hex(4)  # W&B's id format: short, lowercase, alphanumeric
+      store.write_json(os.path.join(workdir, WANDB_RUN_FILE), {"id": run_id})
+    try:
+      self._run = wandb.init(
+          id=run_id, resume="allow", dir=workdir, config=config,
+          project=settings.get("project") or None, entity=settings.get("entity") or None,
+          name=settings.get("name") or os.path.basename(os.path.normpath(workdir)))
+    except wandb.errors.Error as e:  # not logged in, no network, a bad entity
+      raise TrackerError(f"Weights & Biases did not start: {e} (`wandb login`, or "
+                         "WANDB_MODE=offline to keep the run in WORKDIR/wandb/)") from e
+
+  def write(self, step: int, kind: str, metrics: dict[str, Any]) -> None:
+    row = {f"{kind}/{name}": value for name, value in _scalars(metrics).items()}
+    if kind == "sample":
+      row.update({f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, str)})
+    if row:
+      self._run.log(row, step=step)
+
+  def close(self) -> None:
+    self._run.finish()
+
+
+_TRACKER_CLASSES = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
+
+
+class MetricsWriter:
+  """Appends to metrics.jsonl and passes every row to the trackers (process 0 only).
+
+  trackers: names from TRACKERS ("jsonl" is implied); config: the resolved run config as a
+  dict, attached to trackers that keep one (W&B).
+  """
+
+  def __init__(self, workdir: str, *, trackers=("jsonl",), config: dict | None = None,
+               enabled: bool | None = None):
+    unknown = sorted(set(trackers) - set(TRACKERS))
+    if unknown:
+      raise ValueError(f"unknown trackers {unknown}; known: {TRACKERS}")
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.path = os.path.join(workdir, METRICS_FILE)
-    self._tb = None
+    self._trackers = []
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      if tensorboard:
-        self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+      try:
+        for name in dict.fromkeys(trackers):  # in order, once each
+          if name in _TRACKER_CLASSES:
+            self._trackers.append(_TRACKER_CLASSES[name](workdir, config))
+      except BaseException:
+        self.close()
+        raise
 
   def write(self, step: int, kind: str, metrics: dict[str, Any]) -> None:
     if not self.enabled:
@@ -65,17 +171,13 @@ class MetricsWriter:
     record.update({k: _jsonable(v) for k, v in metrics.items()})
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
-    if self._tb is not None:
-      for name, value in metrics.items():
-        if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
-          self._tb.add_scalar(f"{kind}/{name}", float(value), int(step))
-        elif isinstance(value, str) and kind == "sample":
-          self._tb.add_text(f"{kind}/{name}", value, int(step))
+    for tracker in self._trackers:
+      tracker.write(int(step), kind, metrics)
 
   def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    trackers, self._trackers = self._trackers, []
+    for tracker in trackers:
+      tracker.close()
 
 
 class IntervalAccumulator:

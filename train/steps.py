@@ -16,11 +16,18 @@ checkpoint ever holds a broken state.
 The task's frozen params (a LoRA run's base) are a third jit argument: neither
 donated nor a baked-in constant, placed as they already are, and no gradient
 flows to them (only the state's params are differentiated).
+
+Evaluation (`evaluate_windows`: the trainer's evaluate() and `python -m train.evaluate`)
+sums the masked per-token loss, the target tokens and the UTF-8 bytes those tokens stand
+for (train/tokenizer.py token_byte_lengths) over the windows, then
+
+  val_loss = sum loss / tokens   val_ppl = exp(val_loss)   val_bpb = sum loss / (ln 2 bytes)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +35,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from train.state import TrainState, activation_sharding, data_sharding
+from train.state import TrainState, activation_sharding, data_sharding, put_batch
 
 
 def _shardings_of(tree):
@@ -115,3 +122,23 @@ def make_eval_step(task, *, mesh: Mesh, params_shardings):
       return jitted(trainable, batch, byte_lengths_V, task.frozen)
 
   return run
+
+
+def evaluate_windows(eval_step: Callable, trainable, batches: Iterable[dict], *, mesh: Mesh,
+                     rows: int, byte_lengths_V) -> dict[str, float]:
+  """val_loss (nats/token), val_ppl, val_bpb, val_tokens, val_bytes of `eval_step` (from
+  make_eval_step) over host batches [1, b_local, T] (train.data.eval_batches) of `rows`
+  global rows; byte_lengths_V: [V] UTF-8 bytes per token id."""
+  byte_lengths_V = jnp.asarray(byte_lengths_V, jnp.float32)
+  totals = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
+  for batch in batches:
+    out = eval_step(trainable, put_batch(batch, mesh, rows), byte_lengths_V)
+    # One multi-device program in flight at a time: eval steps do not depend on each other,
+    # and on CPU devices dozens of them queued at once competed for the same threads (a
+    # collective timed out under load). The host sum costs nothing next to a forward pass.
+    for key, value in jax.device_get(out).items():
+      totals[key] += float(value)
+  loss = totals["loss_sum"] / max(totals["tokens"], 1.0)
+  return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
+          "val_bpb": totals["loss_sum"] / math.log(2) / max(totals["bytes"], 1.0),
+          "val_tokens": totals["tokens"], "val_bytes": totals["bytes"]}

@@ -10,13 +10,15 @@ the workdir format: model/store/tokenizer.py.
 from __future__ import annotations
 
 import io
+import json
+import re
 from collections.abc import Sequence
 
 import numpy as np
 import sentencepiece as spm
 
 from model.store.files import atomic_open
-from model.store.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer
+from model.store.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer
 
 SP_SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
 
@@ -69,10 +71,19 @@ def _train_sp(proto, sample, total, model_type, vocab_size, byte_fallback,
 
 
 def token_byte_lengths(tokenizer: Tokenizer):
-  """[V] int32: the UTF-8 bytes each token id stands for (0 for control tokens).
+  """[V] int32: the UTF-8 bytes of text each token id stands for (0 for control tokens).
 
-  Bits per byte = sum of the loss in bits / sum of these lengths over the
-  predicted tokens: a tokenizer-independent measure of compression.
+  Bits per byte = sum of the loss in bits / sum of these lengths over the predicted
+  tokens: a tokenizer-independent measure of compression. The lengths are exact per
+  token, so their sum over a text's tokens is the UTF-8 length of the text they decode
+  to, even where one character spans several tokens (tests/test_evaluate.py):
+
+    byte tokenizer      ids 0..255 are one byte each; bos/eos/pad are 0
+    sentencepiece       a byte-fallback piece <0xNN> is 1; any other piece its UTF-8 length
+                        with U+2581 as the space it stands for; control and unknown 0
+    Hugging Face        byte-level BPE (GPT-2, Llama 3): the bytes its characters map back to;
+                        <0xNN> byte-fallback pieces 1; otherwise the piece's UTF-8 length
+                        (U+2581 as a space); special added tokens 0
   """
   lengths = np.zeros(tokenizer.vocab_size, np.int32)
   if isinstance(tokenizer, ByteTokenizer):
@@ -83,7 +94,49 @@ def token_byte_lengths(tokenizer: Tokenizer):
       if sp.is_control(i) or sp.is_unknown(i):
         continue
       lengths[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode())
+  elif isinstance(tokenizer, HFTokenizer):
+    lengths = _hf_byte_lengths(tokenizer.tok, tokenizer.vocab_size)
   else:
     for i in range(tokenizer.vocab_size):
       lengths[i] = len(tokenizer.decode([i]).encode("utf-8"))
+  return lengths
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+  """GPT-2's byte-level BPE writes byte b as a printable character; this maps it back."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+               *range(ord("\xae"), ord("\xff") + 1)]
+  chars, shift = {}, 0
+  for b in range(256):
+    if b in printable:
+      chars[chr(b)] = b
+    else:
+      chars[chr(256 + shift)] = b
+      shift += 1
+  return chars
+
+
+def _uses(component: dict | None, kind: str) -> bool:
+  """Whether a tokenizer.json decoder (possibly a Sequence of them) includes `kind`."""
+  if not component:
+    return False
+  return component.get("type") == kind or any(
+      _uses(c, kind) for c in component.get("decoders", []) or [])
+
+
+def _hf_byte_lengths(tok, vocab_size: int):
+  lengths = np.zeros(vocab_size, np.int32)
+  special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+  byte_level = _uses(json.loads(tok.to_str()).get("decoder"), "ByteLevel")
+  alphabet = _byte_level_alphabet()
+  for i in range(vocab_size):
+    piece = tok.id_to_token(i)
+    if piece is None or i in special:
+      continue
+    if byte_level and all(c in alphabet for c in piece):
+      lengths[i] = len(piece)  # one character per byte
+    elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+      lengths[i] = 1
+    else:
+      lengths[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
   return lengths

@@ -21,24 +21,24 @@ with `TrainingDiverged` without saving the broken state.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 import model
 from model import store
 from sample.engine import generate_ids
-from train import flops
+from train import config_lib, flops
 from train.data import eval_batches
 from train.metrics import IntervalAccumulator, MetricsWriter, Progress, StepTimer
+from train.profiling import StepProfiler
 from train.run import Run, setup
 from train.signals import StopSignals
 from train.state import put_batch
+from train.steps import evaluate_windows
 from train.summary import format_summary, sample_command
 
 SUMMARY_FILE = "summary.json"
@@ -70,7 +70,14 @@ class Trainer:
     self.acc = IntervalAccumulator(carried=run.meta["interval"])  # a row spanning a restart
     self.timer = StepTimer()
     self.in_flight = None  # the latest step's metrics, possibly not computed yet
-    self.writer = MetricsWriter(run.workdir, tensorboard=self.config.tensorboard)
+    try:  # a tracker that cannot start (W&B) ends the run before its first step
+      self.writer = MetricsWriter(run.workdir, trackers=tuple(self.config.trackers),
+                                  config=config_lib.to_dict(self.config))
+    except BaseException:
+      run.checkpointer.close()
+      raise
+    self.profiler = StepProfiler(run.workdir, self.config.profile.start_step,
+                                 self.config.profile.num_steps)
     self.progress = Progress(self.config.num_steps, initial=self.global_step,
                              enabled=self.config.progress_bar)
 
@@ -89,8 +96,9 @@ class Trainer:
 
   def step(self) -> None:
     """One optimizer update. The first step of a session compiles: it runs alone, untimed."""
-    batch = put_batch(next(self.run.iterator), self.run.mesh, self.micro_rows)
-    self.state, metrics = self.run.train_step(self.state, batch)
+    with self.profiler.step(self.global_step):
+      batch = put_batch(next(self.run.iterator), self.run.mesh, self.micro_rows)
+      self.state, metrics = self.run.train_step(self.state, batch)
     if self.in_flight is None:
       self.timer.stop(metrics)
       self.timer.start()
@@ -102,6 +110,7 @@ class Trainer:
     self.global_step += 1
     self.tokens_seen += self.batch_tokens
     self.progress.update(1)
+    self.profiler.done(self.global_step, metrics)
 
   def _pause(self) -> None:
     """Wait for the dispatched steps and stop the clock (before evaluating or saving)."""
@@ -148,22 +157,11 @@ class Trainer:
     self._pause()
     self._check_finite()
     rows = self.config.eval_batch_size or self.micro_rows
-    byte_lengths_V = jnp.asarray(self.run.data.byte_lengths, jnp.float32)
-    totals = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
-    for batch in eval_batches(self.run.data.val, batch_size=rows,
-                              max_batches=self.config.eval_batches):
-      out = self.run.eval_step(self.state.params, put_batch(batch, self.run.mesh, rows),
-                               byte_lengths_V)
-      # One multi-device program in flight at a time: eval steps do not depend on each other,
-      # and on CPU devices dozens of them queued at once competed for the same threads (a
-      # collective timed out under load). The host sum costs nothing next to a forward pass.
-      for key, value in jax.device_get(out).items():
-        totals[key] += float(value)
-    loss = totals["loss_sum"] / max(totals["tokens"], 1.0)
-    self.last_eval = {
-        "val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
-        "val_bpb": totals["loss_sum"] / math.log(2) / max(totals["bytes"], 1.0),
-        "val_tokens": totals["tokens"], "val_bytes": totals["bytes"]}
+    self.last_eval = evaluate_windows(
+        self.run.eval_step, self.state.params,
+        eval_batches(self.run.data.val, batch_size=rows, max_batches=self.config.eval_batches),
+        mesh=self.run.mesh, rows=rows, byte_lengths_V=self.run.data.byte_lengths)
+    loss = self.last_eval["val_loss"]
     if self.global_step == 0 and self.run.base is not None:
       self.base_val = loss  # a LoRA run's base, before any update
     self.best_val = loss if self.best_val is None else min(self.best_val, loss)
@@ -203,6 +201,7 @@ class Trainer:
 
   # ---- the end -----------------------------------------------------------------------------
   def close(self) -> None:
+    self.profiler.close()  # a trace whose window the run did not finish
     self.progress.close()
     self.run.checkpointer.close()
     self.writer.close()

@@ -95,7 +95,7 @@ def _curves(run_dir: str, tokens_per_step: int):
   replaces the earlier line."""
   evals, trains = {}, {}
   for m in read_metrics(run_dir):
-    if m.get("kind") == "eval":
+    if m.get("kind") == "eval" and "evaluated_by" not in m:  # not a later train.evaluate
       evals[m["step"]] = [m["step"], m["step"] * tokens_per_step, m.get("val_loss"),
                           m.get("val_bpb")]
     elif m.get("kind") == "train":

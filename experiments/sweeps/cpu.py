@@ -50,7 +50,7 @@ OVERRIDES = {
     "eval_batches": 16,
     "eval_batch_size": 64,
     "sample_tokens": 0,
-    "tensorboard": False,
+    "trackers": ("jsonl",),
     "progress_bar": False,
     "keep_checkpoints": 1,
 }

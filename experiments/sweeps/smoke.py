@@ -21,7 +21,7 @@ OVERRIDES = {
     "tokenizer.kind": "byte",
     "eval_batches": 2,
     "sample_tokens": 0,
-    "tensorboard": False,
+    "trackers": ("jsonl",),
     "progress_bar": False,
     "async_checkpoints": False,
     "peak_flops": 1e11,

@@ -29,11 +29,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.async_checkpoints = True
   c.progress_bar = True
-  c.tensorboard = True
+  c.trackers = ("jsonl", "tensorboard")  # metrics.jsonl always; also 'tensorboard', 'wandb'
   c.peak_flops = 0.0            # FLOP/s for MFU; 0 measures a float32 matmul at start
   c.sample_prompt = "def "
   c.sample_tokens = 64          # tokens of text sampled at each eval (0: none)
   c.sample_temperature = 0.8
+
+  c.wandb = ml_collections.ConfigDict()  # used when trackers has 'wandb' (pip install .[wandb])
+  c.wandb.project = "transformer-lab"
+  c.wandb.entity = ""           # '' -> the logged-in user's default
+  c.wandb.name = ""             # '' -> the workdir's name
+
+  c.profile = ml_collections.ConfigDict()  # a jax.profiler trace into WORKDIR/profile/
+  c.profile.start_step = 5      # the first traced step (after compilation and warm-up)
+  c.profile.num_steps = 0       # steps traced (0: no trace)
 
   c.data = ml_collections.ConfigDict()
   c.data.corpus = "stdlib"      # 'stdlib', files, directories, globs, URLs, hf:NAME (comma list)

@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batches = 2
   c.checkpoint_every = 4
   c.progress_bar = False
-  c.tensorboard = True
+  c.trackers = ("jsonl", "tensorboard")
   c.peak_flops = 1e11
   c.sample_tokens = 0
   c.data.corpus = os.path.join(stdlib_root(), "json", "*.py")  # ~50 kB of real code
