@@ -3,7 +3,8 @@
   python -m experiments.plan --preset=phi3-mini --mesh=1,8,1 --batch=8 --seq_len=1024 \
       --remat=full --dtype=bfloat16 --hbm=16GiB
   python -m experiments.plan --preset=gpt2-small --mesh=1,-1,1 --devices=64 --batch=512 \
-      --seq_len=1024 --grad_accum=8 --hbm=95GiB        # a pod slice, planned on one CPU
+      --seq_len=1024 --grad_accum=8 --remat=dots --dtype=bfloat16 --hbm=95GiB
+      # train/configs/gpt2_small.py on a 64-chip slice, planned on one CPU
 
 The real train step (`train.steps.make_train_step`: the jit training runs, with its
 in/out shardings and the donated state) is lowered and compiled ahead of time on
@@ -190,22 +191,21 @@ def verdict(p: Plan, hbm_bytes: int) -> str:
 
 
 def report(p: Plan, title: str, hbm_bytes: int | None = None) -> str:
-  gib = lambda n: f"{n / GiB:8.3f} GiB"  # noqa: E731
   shards = math.prod(p.mesh[a] for a in ("fsdp", "tensor"))
-  lines = [
-      f"{title}; mesh {p.mesh} ({math.prod(p.mesh.values())} devices)",
-      f"state (params + optimizer), all devices : {gib(p.state_bytes_total)}",
-      f"per device:  parameters                 : {gib(p.params_bytes)}",
-      f"             optimizer state            : {gib(p.opt_state_bytes)}",
-      f"             state, 1/{shards} of all would be : "
-      f"{gib(p.state_bytes_total / shards)}",
-      f"             arguments (state + batch)  : {gib(p.argument_bytes)}",
-      f"             outputs                    : {gib(p.output_bytes)}",
-      f"             of which reuse donated args: {gib(p.alias_bytes)}",
-      f"             temporaries                : {gib(p.temp_bytes)}",
-      f"             needed                     : {gib(p.needed_bytes)}",
-      "collectives in the HLO: " + ", ".join(f"{k} {v}" for k, v in p.collectives.items()),
-  ]
+  rows = [("state (params + optimizer), all devices", p.state_bytes_total),
+          ("per device: parameters", p.params_bytes),
+          ("            optimizer state", p.opt_state_bytes),
+          (f"            all state / {shards} (fsdp x tensor)", p.state_bytes_total / shards),
+          ("            arguments (state + batch)", p.argument_bytes),
+          ("            outputs", p.output_bytes),
+          ("            of which reuse donated args", p.alias_bytes),
+          ("            temporaries", p.temp_bytes),
+          ("            needed", p.needed_bytes)]
+  width = max(len(label) for label, _ in rows)
+  lines = [f"{title}; mesh {p.mesh} ({math.prod(p.mesh.values())} devices)"]
+  lines += [f"{label:<{width}} : {n / GiB:8.3f} GiB" for label, n in rows]
+  lines.append("collectives in the HLO: " + ", ".join(f"{k} {v}"
+                                                      for k, v in p.collectives.items()))
   if hbm_bytes is not None:
     lines.append(verdict(p, hbm_bytes))
   return "\n".join(lines)
