@@ -7,8 +7,8 @@ On a CPU the peak is measured, not looked up: the best of a few timed square
 float32 matmuls (2 n^3 FLOPs each) on one device (`measure_matmul_peak`). On a
 TPU or GPU it is the vendor's dense bfloat16 peak per chip (PEAK_BF16, looked
 up by `jax.devices()[0].device_kind`; MFU's usual reference, whatever the run's
-compute dtype); an accelerator missing from
-the table has no MFU (logged once) rather than a wrong one. On a CPU the forced
+compute dtype); an accelerator missing from the table has no MFU (logged
+once) rather than a wrong one. On a CPU the forced
 "devices" of one process share the same cores, so the machine's peak is one
 device's; on accelerators it is per device times the device count.
 """
