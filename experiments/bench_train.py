@@ -15,7 +15,10 @@ one jit with donated state) on random tokens.
 MFU = tokens/s x model.flops_per_token(cfg, T) / peak, where the peak is the
 matmul rate in the compute dtype (--dtype) measured in the same process between
 timing rounds (the machine is shared: each round's MFU uses the peak measured
-next to it, and the load average is printed). Recomputation (remat) is not counted as model FLOPs.
+next to it, and the load average is printed). On a TPU or GPU the step runs data
+parallel over the local devices and the peak is the chip's bfloat16 spec
+(train/flops.py PEAK_BF16) times their count (a chip the table lacks: its measured
+matmul times the count). Recomputation (remat) is not counted as model FLOPs.
 
 Implementation knobs (they do not change the model's math): --remat (default
 'dots': keep the matmul outputs, recompute the rest of each block in the
@@ -44,7 +47,7 @@ from train import optimizer as optim_lib
 from train import state as state_lib
 from train import xla_flags
 from train.configs import default
-from train.flops import measure_matmul_peak
+from train.flops import measure_matmul_peak, table_peak, total_peak
 from train.steps import make_train_step
 from train.tasks import Pretrain
 
@@ -116,8 +119,14 @@ def bench_jax(name, rows, seq_len):
     holder["state"] = s
 
   fpt = model.flops_per_token(cfg, seq_len)
-  rounds = _rounds(run_steps, rows * seq_len, fpt * rows * seq_len,
-                   lambda: measure_matmul_peak(seconds=0.3, repeats=2, dtype=FLAGS.dtype))
+  # The step runs on every local device: on an accelerator the peak is each chip's spec
+  # (train/flops.py) times their count, or each one's measured matmul when the table lacks it.
+  spec = None if jax.devices()[0].platform == "cpu" else table_peak(jax.devices()[0].device_kind)
+  peak = ((lambda: spec) if spec else
+          (lambda: measure_matmul_peak(seconds=0.3, repeats=2, dtype=FLAGS.dtype)))
+  rounds = _rounds(run_steps, rows * seq_len, fpt * rows * seq_len, lambda: total_peak(peak()))
+  for r in rounds:
+    r["peak_source"] = "bf16 spec" if spec else "matmul, measured"
   return cfg, fpt, rounds
 
 
@@ -195,7 +204,8 @@ def _report(label, rounds):
   print(f"  {label:8s} {statistics.median(tps):9,.0f} tok/s (best {max(tps):,.0f})  "
         f"step {statistics.median(r['step_ms'] for r in rounds):7.1f} ms  "
         f"MFU {100 * statistics.median(mfu):5.1f}% median, {100 * mfu[best]:5.1f}% best  "
-        f"(peak {statistics.median(peaks):.0f} GFLOP/s matmul, measured)", flush=True)
+        f"(peak {statistics.median(peaks):.0f} GFLOP/s "
+        f"{rounds[0].get('peak_source', 'matmul, measured')})", flush=True)
   return {"tokens_per_sec_median": statistics.median(tps), "tokens_per_sec_best": max(tps),
           "mfu_median": statistics.median(mfu), "mfu_best": mfu[best],
           "peak_gflops_median": statistics.median(peaks), "rounds": rounds}

@@ -53,10 +53,12 @@ class Linear(nn.Module):
           nn.initializers.normal(1.0 / self.lora_rank), (self.axes[0], None))
       b_init = nn.with_logical_partitioning(nn.initializers.zeros, (None, self.axes[1]))
       # Init functions draw their rng lazily: `apply` with given adapters has no 'params' rng.
+      # The adapters are what trains: float32 masters (and so float32 moments) even on a
+      # bfloat16 base, whose frozen weights need no master copy.
       a_IR = self.variable("lora", "a", lambda: a_init(
-          self.make_rng("params"), (d_in, self.lora_rank), self.param_dtype)).value
+          self.make_rng("params"), (d_in, self.lora_rank), jnp.float32)).value
       b_RO = self.variable("lora", "b", lambda: b_init(
-          self.make_rng("params"), (self.lora_rank, self.features), self.param_dtype)).value
+          self.make_rng("params"), (self.lora_rank, self.features), jnp.float32)).value
       scale = self.lora_alpha / self.lora_rank
       y_BTO = y_BTO + scale * jnp.dot(jnp.dot(x, a_IR.astype(self.dtype)), b_RO.astype(self.dtype))
     return y_BTO

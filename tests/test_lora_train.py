@@ -173,7 +173,7 @@ def test_sample_cli_uses_the_adapters(base, straight):
   assert text != Generator.from_workdir(base[0]).generate(PROMPT, 16, temperature=1.0)
 
 
-def _llama_base(root):
+def _llama_base(root, dtype=None):
   """A tiny random Hugging Face Llama imported with `model.hf` (tokenizer.json, pad 0)."""
   from model.hf.convert import import_to_workdir
   from tests import hf_testlib as lib
@@ -183,7 +183,7 @@ def _llama_base(root):
   with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
     json.dump({"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>"}, f)
   workdir = os.path.join(root, "llama")
-  import_to_workdir(hf_dir, workdir)
+  import_to_workdir(hf_dir, workdir, dtype=dtype)
   texts = os.path.join(root, "texts")
   os.makedirs(texts)
   for i, line in enumerate(lib.CORPUS[:4]):
@@ -225,6 +225,35 @@ def test_an_imported_llama_is_fine_tuned_and_exported_merged(tmp_path):
   assert np.abs(np.asarray(adapted) - np.asarray(plain)).max() > 1e-3
   np.testing.assert_allclose(lib.logits(lib.reload("llama", out), tokens_BT), adapted,
                              atol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_accelerator_config_tunes_float32_adapters_on_a_bfloat16_import(tmp_path):
+  """finetune_accel.py (bfloat16 compute, remat, the platform's attention) on CPU: the base
+  imported in bfloat16 stays as it was, the adapters and their moments are float32."""
+  _, base_dir, texts = _llama_base(str(tmp_path), dtype="bfloat16")
+  workdir = str(tmp_path / "run")
+  settings = overrides(str(tmp_path), base_dir, **{
+      "num_steps": 3, "eval_every": 3, "checkpoint_every": 3, "data.corpus": texts,
+      "data.split_chunk_chars": 100, "data.val_fraction": 0.25, "data.seq_len": 32,
+      "batch_size": 8, "mesh_shape": (1, -1, 1)})
+  config = load_config("train/configs/finetune_accel.py", settings)
+  summary = train_and_evaluate(config, workdir)
+  assert summary["status"] == "completed" and summary["val_loss"] < summary["base_val_loss"]
+  cfg = store.load_model_config(workdir)
+  assert (cfg.dtype, cfg.param_dtype, cfg.remat, cfg.attention_impl) == (
+      "bfloat16", "bfloat16", "full", "auto")
+  ckpt = store.restore(workdir, items=("params", "lora"))
+  with store.checkpoint_manager(workdir) as mngr:
+    opt_state = mngr.restore(ckpt.step, args=ocp.args.Composite(
+        opt_state=ocp.args.StandardRestore()))["opt_state"]
+  assert {x.dtype.name for x in jax.tree.leaves(ckpt.items["params"])} == {"bfloat16"}
+  assert {x.dtype.name for x in jax.tree.leaves(ckpt.items["lora"])} == {"float32"}
+  assert {np.asarray(x).dtype.name for x in jax.tree.leaves(opt_state)
+          if np.ndim(x) > 0} == {"float32"}  # AdamW's moments
+  base = store.restore(base_dir, items=("params",)).items["params"]
+  for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(ckpt.items["params"]), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the base, bit for bit
 
 
 def test_bad_settings_fail_clearly_before_anything_runs(base, tmp_path):

@@ -150,7 +150,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *,
     train_step = make_train_step(task, tx, schedule, mesh=mesh, shardings=shardings)
     eval_step = make_eval_step(task, mesh=mesh, params_shardings=shardings.params)
     peak = (float(config.peak_flops) if config.peak_flops else
-            flops.total_peak(flops.measure_matmul_peak()))
+            flops.total_peak(flops.device_peak()))
   except BaseException:
     checkpointer.close()
     raise

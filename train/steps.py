@@ -48,7 +48,8 @@ def _uses_dropout(task) -> bool:
 
 def make_train_step(task, tx: optax.GradientTransformation, schedule: Callable, *, mesh: Mesh,
                     shardings: TrainState):
-  """train_step(state, batch) -> (state, metrics), one jit; the state is donated."""
+  """train_step(state, batch) -> (state, metrics), one jit; the state is donated.
+  train_step.lower(state, batch) lowers that jit for abstract arguments (AOT)."""
   dropout = _uses_dropout(task)
 
   def micro_loss(trainable, frozen, micro, rng, total):
@@ -99,6 +100,13 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule: Callable, 
     with activation_sharding(mesh):
       return jitted(state, batch, task.frozen)
 
+  def lower(state, batch):
+    """The same jit lowered ahead of time; state and batch may be jax.ShapeDtypeStructs
+    (experiments/plan.py compiles it without allocating a weight)."""
+    with activation_sharding(mesh):
+      return jitted.lower(state, batch, task.frozen)
+
+  run.lower = lower
   return run
 
 

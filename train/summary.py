@@ -41,9 +41,10 @@ def format_summary(s: dict[str, Any]) -> str:
                           f"(perplexity {_fmt(s['val_ppl'], '.2f')}, best "
                           f"{_fmt(s['best_val_loss'], '.4f')})"),
       ("bits per byte", _fmt(s["val_bpb"], ".4f")),
-      ("throughput", f"{_fmt(s['tokens_per_sec'], ',.0f')} tokens/s, MFU "
-                     f"{_fmt(100 * s['mfu'] if s['mfu'] is not None else None, '.1f')}% of "
-                     f"{s['peak_flops'] / 1e9:.0f} GFLOP/s ({s['devices']} device(s))"),
+      ("throughput", f"{_fmt(s['tokens_per_sec'], ',.0f')} tokens/s, " + (
+          f"MFU {_fmt(100 * s['mfu'] if s['mfu'] is not None else None, '.1f')}% of "
+          f"{s['peak_flops'] / 1e9:.0f} GFLOP/s" if s["peak_flops"] else
+          "MFU unavailable (no peak FLOP/s for this device)") + f" ({s['devices']} device(s))"),
       ("wall time", f"{s['wall_time_s']:.0f} s this session"),
       ("checkpoint", f"{s['checkpoint_dir']}/{s['checkpoint_step']}"),
       ("sample with", s["sample_command"]),

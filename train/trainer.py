@@ -265,7 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       trainer.say(f"model: {trainer.n_params.total:,} parameters "
                   f"({trainer.n_params.non_embedding:,} non-embedding), "
                   f"{trainer.flops_per_token / 1e6:.1f} MFLOPs/token; mesh {dict(run.mesh.shape)};"
-                  f" peak {run.peak_flops / 1e9:.0f} GFLOP/s")
+                  + (f" peak {run.peak_flops / 1e9:.0f} GFLOP/s" if run.peak_flops else
+                     " no peak FLOP/s (MFU unavailable)"))
       if run.base is not None:  # the base's loss on the new text, before any update
         cfg = run.task.cfg
         trainer.say(f"LoRA: {trainer.counts}: rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} "

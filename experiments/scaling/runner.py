@@ -27,7 +27,7 @@ from experiments.scaling import spec
 from experiments.scaling.results import RUNS_DIR, read_run_record, write_run_record
 from model import store
 from train import config_lib
-from train.flops import measure_matmul_peak, total_peak
+from train.flops import device_peak, total_peak
 from train.metrics import METRICS_FILE, read_metrics
 from train.trainer import TrainingDiverged, train_and_evaluate
 
@@ -146,7 +146,7 @@ def make_record(sweep: spec.Sweep, run: spec.Run, config, summary: dict[str, Any
 
 @functools.cache
 def _process_peak() -> float:
-  return total_peak(measure_matmul_peak())
+  return total_peak(device_peak())
 
 
 def measured_peak(sweep: spec.Sweep) -> float | None:

@@ -30,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.async_checkpoints = True
   c.progress_bar = True
   c.trackers = ("jsonl", "tensorboard")  # metrics.jsonl always; also 'tensorboard', 'wandb'
-  c.peak_flops = 0.0            # FLOP/s for MFU; 0 measures a float32 matmul at start
+  c.peak_flops = 0.0            # FLOP/s for MFU; 0: a float32 matmul timed at start on CPU,
+                                # the bf16 spec of the chip on TPU/GPU (train/flops.py)
   c.sample_prompt = "def "
   c.sample_tokens = 64          # tokens of text sampled at each eval (0: none)
   c.sample_temperature = 0.8
