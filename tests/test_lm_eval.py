@@ -109,9 +109,13 @@ def test_loglikelihoods_match_lm_evals_hf_backend(both):
   assert np.ptp([ll for ll, _ in our_ll]) > 1.0
 
 
-def test_rolling_loglikelihood_matches_over_several_windows(both, setup):
+@pytest.fixture(scope="module")
+def lm(setup):
+  return adapter.make_lm(setup[1], batch_size=2)
+
+
+def test_rolling_loglikelihood_matches_over_several_windows(both, lm):
   hf, ours = both
-  lm = adapter.make_lm(setup[1])
   tokens = [len(lm.tok_encode(d)) for d in DOCS]
   assert min(tokens) > 64  # each document spans more than one window of the model's context
   np.testing.assert_allclose(responses(ours, "tiny_ppl"), responses(hf, "tiny_ppl"), atol=1e-4)
@@ -124,6 +128,27 @@ def test_generate_until_matches_and_stops_at_until(both):
   texts = responses(ours, "tiny_gen")
   assert texts == responses(hf, "tiny_gen")
   assert all("." not in t for t in texts) and any(texts)
+
+
+def generate(lm, contexts, **gen_kwargs):
+  from lm_eval.api.instance import Instance
+
+  return lm.generate_until([Instance("generate_until", {}, (c, {"do_sample": False, **gen_kwargs}),
+                                     i) for i, c in enumerate(contexts)])
+
+
+def test_generate_until_honors_max_gen_toks_and_multi_token_stop_strings(lm):
+  contexts = [q for q, _, _ in QUESTIONS[:3]]
+  free = generate(lm, contexts, until=[], max_gen_toks=10)
+  assert all(0 < len(lm.tok_encode(t)) <= 10 for t in free), free
+  assert generate(lm, contexts, until=[], max_gen_toks=3) == [  # a prefix of the same decode
+      lm.tok_decode(lm.tok_encode(t)[:3]) for t in free]
+  # a stop string of several tokens, from inside the first completion: cut there, every row
+  text = free[0]
+  stop = next(text[i:i + 3] for i in range(1, len(text) - 3)
+              if len(lm.tok_encode(text[i:i + 3])) > 1)
+  cut = generate(lm, contexts, until=[stop], max_gen_toks=10)
+  assert cut == [t.split(stop)[0] for t in free] and cut[0] != free[0]
 
 
 def test_cli_writes_results_and_bad_input_is_one_line(setup, tmp_path):
