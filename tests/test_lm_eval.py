@@ -31,6 +31,7 @@ QUESTIONS = [
     ("Paris is in France and Rome is in", [" Italy.", " France.", " the dog."], 0),
     ("", [" To be.", " Paris."], 1),  # an empty context: scored after the start token
 ]
+STOP = "</s>"  # one token of the tiny tokenizer (seed 0's model emits it in some rows, not all)
 DOCS = [" ".join(lib.CORPUS[i:i + 5]) for i in range(4)]  # longer than the 64-token context
 TASKS = {
     "tiny_mc": {"output_type": "multiple_choice", "doc_to_text": "{{question}}",
@@ -38,7 +39,7 @@ TASKS = {
                 "metric_list": [{"metric": "acc"}]},
     "tiny_gen": {"output_type": "generate_until", "doc_to_text": "{{question}}",
                  "doc_to_target": "{{choices[answer]}}",
-                 "generation_kwargs": {"until": ["."], "max_gen_toks": 12, "do_sample": False},
+                 "generation_kwargs": {"until": [STOP], "max_gen_toks": 12, "do_sample": False},
                  "metric_list": [{"metric": "exact_match"}]},
     "tiny_ppl": {"output_type": "loglikelihood_rolling", "doc_to_text": "",
                  "doc_to_target": "{{text}}", "metric_list": [{"metric": "word_perplexity"}]},
@@ -49,7 +50,7 @@ TASKS = {
 def setup(tmp_path_factory):
   """(HF model directory, imported workdir, task directory)."""
   root = tmp_path_factory.mktemp("lm_eval")
-  hf_dir = lib.save(lib.hf_model("gpt2", seed=5), str(root / "gpt2"))
+  hf_dir = lib.save(lib.hf_model("gpt2", seed=0), str(root / "gpt2"))
   lib.train_tokenizer(str(root / "tok" / "tokenizer.json"))
   # lm-eval's HF backend reads the tokenizer with AutoTokenizer: a tokenizer_config.json too
   transformers.PreTrainedTokenizerFast(
@@ -123,11 +124,13 @@ def test_rolling_loglikelihood_matches_over_several_windows(both, lm):
                              hf["results"]["tiny_ppl"]["word_perplexity,none"], rtol=1e-5)
 
 
-def test_generate_until_matches_and_stops_at_until(both):
+def test_generate_until_matches_and_stops_at_until(both, lm):
   hf, ours = both
   texts = responses(ours, "tiny_gen")
   assert texts == responses(hf, "tiny_gen")
-  assert all("." not in t for t in texts) and any(texts)
+  assert all(STOP not in t for t in texts) and len(set(texts)) > 1
+  full = generate(lm, [q for q, _, _ in QUESTIONS[:5]], until=[], max_gen_toks=12)
+  assert [t.split(STOP)[0] for t in full] == texts and full != texts  # some rows were cut
 
 
 def generate(lm, contexts, **gen_kwargs):
@@ -151,6 +154,7 @@ def test_generate_until_honors_max_gen_toks_and_multi_token_stop_strings(lm):
   assert cut == [t.split(stop)[0] for t in free] and cut[0] != free[0]
 
 
+@pytest.mark.slow  # two interpreters that import jax, lm-eval and transformers: ~50 s
 def test_cli_writes_results_and_bad_input_is_one_line(setup, tmp_path):
   _, workdir, tasks = setup
   out = tmp_path / "results.json"
