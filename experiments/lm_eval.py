@@ -65,9 +65,10 @@ def require_lm_eval():
 @functools.partial(jax.jit, static_argnums=0)
 def _score_jit(cfg, params, tokens_BT, targets_BT):
   """log p(targets_BT[b, t] | tokens_BT[b, :t + 1]) and whether it is the argmax: [B, T] each."""
-  logits_BTV, _ = model.apply(cfg, params, tokens_BT)
-  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  logp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  logits_BTV = model.apply(cfg, params, tokens_BT)[0].astype(jnp.float32)
+  # log softmax at the targets only: no second [B, T, V] array (V is 128k for Llama 3)
+  target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  logp_BT = target_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
   return logp_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
 
 
