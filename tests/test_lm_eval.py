@@ -46,6 +46,15 @@ TASKS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+  """No network (before the module's other fixtures: autouse runs first within a scope)."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("HF_DATASETS_OFFLINE", "1")
+    patch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   """(HF model directory, imported workdir, task directory)."""
@@ -68,16 +77,12 @@ def setup(tmp_path_factory):
     path.write_text("".join(json.dumps(row) + "\n" for row in data[name]))
     # JSON is YAML: the task file lm-eval's TaskManager finds under include_path
     (tasks / f"{name}.yaml").write_text(json.dumps({
-        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {
-            "test": str(path)}}, "test_split": "test", **config}))
+        "task": name, "dataset_path": "json", "dataset_kwargs": {
+            "data_files": {"test": str(path)}, "cache_dir": str(root / "datasets")},
+        "test_split": "test", **config}))
   return hf_dir, workdir, str(tasks)
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-  monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
 
 
 def responses(results, task):
@@ -158,8 +163,7 @@ def test_generate_until_honors_max_gen_toks_and_multi_token_stop_strings(lm):
 def test_cli_writes_results_and_bad_input_is_one_line(setup, tmp_path):
   _, workdir, tasks = setup
   out = tmp_path / "results.json"
-  env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-         "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+  env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
   run = subprocess.run([sys.executable, "-m", "experiments.lm_eval", f"--workdir={workdir}",
                         "--tasks=tiny_mc", f"--include_path={tasks}", "--batch_size=2",
                         "--limit=3", f"--output={out}"], cwd=REPO, env=env,
