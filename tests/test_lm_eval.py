@@ -159,6 +159,19 @@ def test_generate_until_honors_max_gen_toks_and_multi_token_stop_strings(lm):
   assert cut == [t.split(stop)[0] for t in free] and cut[0] != free[0]
 
 
+def test_registered_by_name_and_bad_model_args_are_one_line(setup):
+  from lm_eval.api.registry import get_model
+
+  cls = adapter.adapter_class()
+  assert get_model(adapter.MODEL_NAME) is cls  # simple_evaluate(model="transformer-lab", ...)
+  lm = cls.create_from_arg_string(f"workdir={setup[1]},batch_size=3", {"device": "cpu"})
+  assert lm.batch_size == 3 and lm.max_length == 64
+  with pytest.raises(ValueError, match=r"unknown model argument\(s\) \['temperature'\]"):
+    cls.create_from_arg_string(f"workdir={setup[1]},temperature=0.5")
+  with pytest.raises(ValueError, match="'auto' is not supported"):
+    cls(setup[1], batch_size="auto")
+
+
 @pytest.mark.slow  # two interpreters that import jax, lm-eval and transformers: ~50 s
 def test_cli_writes_results_and_bad_input_is_one_line(setup, tmp_path):
   _, workdir, tasks = setup
