@@ -70,7 +70,7 @@ class Generator:
       ids = [start]
     return ids
 
-  def _stops(self, stop) -> tuple[tuple[str, ...], tuple[int, ...]]:
+  def stops(self, stop) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """(stop strings, stop ids): eos always; a stop string that is one token also stops early."""
     if stop is None:
       stop = ()
@@ -108,7 +108,7 @@ class Generator:
 
   def _generate(self, prompts, max_new_tokens, sampling: Sampling, seed, stop, return_full_text,
                 use_cache) -> list[str]:
-    strings, stop_ids = self._stops(stop)
+    strings, stop_ids = self.stops(stop)
     prompt_ids = [self.encode(p) for p in prompts]
     out = engine.generate(self.cfg, self.params, prompt_ids, max_new_tokens, sampling=sampling,
                           seed=seed, stop_ids=stop_ids, use_cache=use_cache)
@@ -126,7 +126,7 @@ class Generator:
     jitted call); the pieces concatenate to `generate(prompt, ...)` with the same arguments."""
     if not isinstance(prompt, str):
       raise ValueError("stream takes one prompt string; call it once per prompt")
-    strings, stop_ids = self._stops(stop)
+    strings, stop_ids = self.stops(stop)
     prompt_ids = self.encode(prompt)
     detok = _Detokenizer(self.tokenizer, prompt_ids, strings)
     chunks = engine.stream_ids(self.cfg, self.params, [prompt_ids], max_new_tokens,

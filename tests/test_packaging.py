@@ -21,7 +21,7 @@ def test_pyproject_dependencies_are_the_requirements():
     project = tomllib.load(f)["project"]
   assert project["dependencies"] == requirements(os.path.join(REPO, "requirements.txt"))
   assert project["requires-python"] == ">=3.11"
-  assert {"data", "cloud", "hf"} <= set(project["optional-dependencies"])
+  assert {"data", "cloud", "hf", "eval"} <= set(project["optional-dependencies"])
 
 
 def test_a_wheel_builds_with_every_package(tmp_path):
