@@ -149,12 +149,14 @@ class Generation:
   stopped: True when the row ended at a stop id, False when it ran out of tokens.
   logprobs: [n] model log-probabilities of the emitted tokens (when asked).
   logits: [n, V] raw logits each emitted token was drawn from (when asked).
+  speculation: acceptance statistics of speculative decoding (sample/speculative.py).
   """
 
   tokens: list[list[int]]
   stopped: list[bool]
   logprobs: list[np.ndarray] | None = None
   logits: list[np.ndarray] | None = None
+  speculation: object = None
 
 
 # ---- model plumbing -----------------------------------------------------------------------
