@@ -47,6 +47,7 @@ flags.DEFINE_integer("new_tokens", 128, "Tokens generated per row.")
 flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per row.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per setting.")
 flags.DEFINE_bool("reference", False, "Also time Hugging Face generate() on an exported copy.")
+flags.DEFINE_integer("threads", 0, "torch threads for --reference (0: torch's default).")
 flags.DEFINE_bool("quality", False, "int8 vs float32: greedy agreement and validation loss.")
 flags.DEFINE_integer("quality_tokens", 256, "Greedy tokens per prompt for --quality.")
 flags.DEFINE_integer("quality_prompts", 4, "Prompts for --quality.")
@@ -121,8 +122,10 @@ def _hf(workdir: str, out_dir: str):
   import torch
   import transformers
 
+  if FLAGS.threads:
+    torch.set_num_threads(FLAGS.threads)
   convert.export_workdir(workdir, out_dir, overwrite=True)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
   hf.generation_config.eos_token_id = None
   return hf.eval()
 
