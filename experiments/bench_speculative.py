@@ -47,6 +47,8 @@ flags.DEFINE_integer("new_tokens", 128, "Tokens generated per row.")
 flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per row.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per setting.")
 flags.DEFINE_bool("reference", False, "Also time Hugging Face generate() on an exported copy.")
+flags.DEFINE_string("attention_impl", "", "Decode with this ModelConfig.attention_impl ('': the "
+                    "run's; its params do not depend on it).")
 flags.DEFINE_integer("threads", 0, "torch threads for --reference (0: torch's default).")
 flags.DEFINE_bool("quality", False, "int8 vs float32: greedy agreement and validation loss.")
 flags.DEFINE_integer("quality_tokens", 256, "Greedy tokens per prompt for --quality.")
@@ -157,7 +159,8 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (a trained model)")
   loaded = store.load_params(FLAGS.workdir)
-  cfg, params = engine.decode_model(loaded.cfg, loaded.params)
+  impl = {"attention_impl": FLAGS.attention_impl} if FLAGS.attention_impl else {}
+  cfg, params = engine.decode_model(loaded.cfg.replace(**impl), loaded.params)
   val = validation(FLAGS.workdir)
   if FLAGS.quality:
     quality(cfg, params, val)
@@ -166,7 +169,7 @@ def main(argv):
   draft = None
   if FLAGS.draft_workdir:
     d = store.load_params(FLAGS.draft_workdir)
-    draft = sp.DraftModel(*engine.decode_model(d.cfg, d.params))
+    draft = sp.DraftModel(*engine.decode_model(d.cfg.replace(**impl), d.params))
   methods = [m for m in FLAGS.methods if m != "draft" or draft is not None]
   qparams = quant.quantize(params) if "int8" in methods else None
   hf = draft_hf = None
@@ -179,7 +182,7 @@ def main(argv):
   cache_len = FLAGS.prompt_len + new + k + 1
   print(f"# {FLAGS.workdir} ({model.count_params(cfg).total / 1e6:.2f}M params), draft "
         f"{FLAGS.draft_workdir} ; greedy, float32, {FLAGS.prompt_len}-token validation prompts, "
-        f"{new} new tokens, {k} draft tokens; {_load()}")
+        f"{new} new tokens, {k} draft tokens, {cfg.attention_impl} attention; {_load()}")
   print(f"{'batch':>5s} {'method':>14s} {'impl':>6s} {'best tok/s':>11s} {'median tok/s':>13s} "
         f"{'acceptance':>11s} {'= ours':>7s}")
   for batch in (int(b) for b in FLAGS.batches):

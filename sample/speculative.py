@@ -231,11 +231,12 @@ def _round(cfg, dcfg, kind, st: _Static, params, dparams, state: SpecState, max_
     drafted_BX = _lookup_draft(state.history_BY, state.prompt_len_B + state.count_B,
                                st.max_ngram, x)
   else:
-    drafted_BX, q_BXV, draft_cache = _model_draft(dcfg, dparams, kind, values, draft_cache,
+    drafted_BX, q_BXV, draft_cache = _model_draft(engine.step_config(dcfg), dparams, kind,
+                                                  values, draft_cache,
                                                   state.prev_B, state.token_B, key_draft_B, x)
   inputs_BT = jnp.concatenate([state.token_B[:, None], drafted_BX], axis=1)
   start_B = state.cache.lengths_B
-  logits_BTV, cache = model.apply(cfg, params, inputs_BT, cache=state.cache)
+  logits_BTV, cache = model.apply(engine.step_config(cfg), params, inputs_BT, cache=state.cache)
   n_B, e_BT = _verify(kind, values, logits_BTV, drafted_BX, q_BXV, key_verify_B)
 
   # What the row keeps of e_0..e_n: up to its first stop id and its max_new budget.
