@@ -363,7 +363,8 @@ def _prepare(cfg, prompts_ids, max_new_tokens, draft, draft_tokens, sampling, st
                         sampling, stop_ids, True, cache_len, False, False)
   if dcfg is not None:
     lengths = [len(r) for r in engine._check_prompts(cfg, prompts_ids)]
-    engine.plan(dcfg, lengths, int(max_new_tokens) + int(draft_tokens) + 1, req.opts.plan.cache_len)
+    engine.plan(dcfg, lengths, int(max_new_tokens) + int(draft_tokens) + 1,
+                req.opts.plan.cache_len)  # the draft's cache has the target's slots
   return req, dcfg, dparams, _Static(req.opts.plan, int(draft_tokens), ngram)
 
 
