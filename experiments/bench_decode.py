@@ -3,6 +3,7 @@
   python -m experiments.bench_decode                      # nanogpt-baby and gpt2-small
   python -m experiments.bench_decode --presets=gpt2-small --batches=1 --repeats=5
   python -m experiments.bench_decode --reference           # + Hugging Face generate() here
+  python -m experiments.bench_decode --int8                # + int8 weights (model/quant.py)
   python -m experiments.bench_decode --presets=gpt2-small --dtype=bfloat16 --attention_impl=auto
       # an accelerator (experiments/accelerator_check.sh)
 
@@ -19,6 +20,7 @@ The load average is printed: on a shared machine, compare figures taken together
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import statistics
@@ -29,6 +31,7 @@ import numpy as np
 from absl import app, flags
 
 import model
+from model import quant
 from sample import engine
 
 FLAGS = flags.FLAGS
@@ -41,6 +44,7 @@ flags.DEFINE_bool("reference", False, "Also time Hugging Face transformers gener
 flags.DEFINE_integer("threads", 0, "torch threads for --reference (0: torch's default).")
 flags.DEFINE_string("dtype", "float32", "ModelConfig.dtype (compute and KV cache) of the sampler.")
 flags.DEFINE_string("attention_impl", "", "ModelConfig.attention_impl ('': the preset's).")
+flags.DEFINE_bool("int8", False, "Also time the sampler on int8 weights (model/quant.py).")
 
 
 def _load() -> str:
@@ -64,8 +68,10 @@ def _time(fn, repeats):
   return min(times), statistics.median(times), min(cpus)
 
 
-def time_sampler(cfg, batch, prompt_len, new_tokens, repeats):
+def time_sampler(cfg, batch, prompt_len, new_tokens, repeats, int8=False):
   params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.PRNGKey(0))
+  if int8:
+    params = quant.quantize(params)
   # The engine unrolls the layers once here, as sample.Generator does at load time.
   dcfg, dparams = engine.decode_model(cfg, params)
   del params
@@ -111,7 +117,11 @@ def main(argv):
     new = min(FLAGS.new_tokens, cfg.max_seq_len - FLAGS.prompt_len)
     n_params = model.count_params(cfg).total
     for batch in (int(b) for b in FLAGS.batches):
-      runners = [("sample", time_sampler)] + ([("hf", time_reference)] if FLAGS.reference else [])
+      runners = [("sample", time_sampler)]
+      if FLAGS.int8:
+        runners.append(("int8", functools.partial(time_sampler, int8=True)))
+      if FLAGS.reference:
+        runners.append(("hf", time_reference))
       for impl, timer in runners:
         best, median, cpu = timer(cfg, batch, FLAGS.prompt_len, new, FLAGS.repeats)
         print(f"{name:14s} {n_params / 1e6:7.1f}M {batch:5d} {new:5d} {impl:>9s} "

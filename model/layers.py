@@ -44,6 +44,8 @@ class Linear(nn.Module):
     w_IO = self.param("kernel", kernel_init, (d_in, self.features), self.param_dtype)
     x = x_BTI.astype(self.dtype)
     y_BTO = jnp.dot(x, w_IO.astype(self.dtype))
+    if self.has_variable("params", "kernel_scale"):  # int8 weights (model/quant.py)
+      y_BTO = y_BTO * self.get_variable("params", "kernel_scale").astype(self.dtype)
     if self.use_bias:
       bias_init = nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],))
       b_O = self.param("bias", bias_init, (self.features,), self.param_dtype)
@@ -78,13 +80,25 @@ class Embed(nn.Module):
     self.embedding = self.param("embedding", init, (self.vocab_size, self.d_model),
                                 self.param_dtype)
 
+  def _scale_V1(self):
+    """Per-row scales of an int8 table (model/quant.py), else None."""
+    if self.has_variable("params", "embedding_scale"):
+      return self.get_variable("params", "embedding_scale")
+    return None
+
   def __call__(self, tokens_BT):
-    return jnp.take(self.embedding, tokens_BT, axis=0).astype(self.dtype)
+    x_BTD = jnp.take(self.embedding, tokens_BT, axis=0).astype(self.dtype)
+    scale_V1 = self._scale_V1()
+    if scale_V1 is not None:
+      x_BTD = x_BTD * jnp.take(scale_V1, tokens_BT, axis=0).astype(self.dtype)
+    return x_BTD
 
   def attend(self, x_BTD):
     """Logits = x E^T in float32 (eq. 8.46 with tied weights)."""
-    return jnp.einsum("BTD,VD->BTV", x_BTD.astype(jnp.float32),
-                      self.embedding.astype(jnp.float32))
+    logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD.astype(jnp.float32),
+                            self.embedding.astype(jnp.float32))
+    scale_V1 = self._scale_V1()
+    return logits_BTV if scale_V1 is None else logits_BTV * scale_V1[:, 0]
 
 
 class LayerNorm(nn.Module):

@@ -83,12 +83,13 @@ class SelfAttention(nn.Module):
       # writes its rows in place, instead of slicing a layer out and stacking them back
       # (two copies of the cache per decoded token).
       k_LBSKH, v_LBSKH, layer = kv
-
-      def write(cache_LSKH, new_TKH, start):
-        return lax.dynamic_update_slice(cache_LSKH, new_TKH[None].astype(cache_LSKH.dtype),
-                                        (layer, start, 0, 0))
-      k_LBSKH = jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)(k_LBSKH, k_BTKH, cache_start_B)
-      v_LBSKH = jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)(v_LBSKH, v_BTKH, cache_start_B)
+      # One scatter of the B x T new rows (in place), not a per-row update vmapped over B.
+      row_B1 = jnp.arange(b)[:, None]
+      slot_BT = cache_start_B[:, None] + jnp.arange(t)[None, :]
+      k_LBSKH = k_LBSKH.at[layer, row_B1, slot_BT].set(k_BTKH.astype(k_LBSKH.dtype),
+                                                        unique_indices=True)
+      v_LBSKH = v_LBSKH.at[layer, row_B1, slot_BT].set(v_BTKH.astype(v_LBSKH.dtype),
+                                                        unique_indices=True)
       k_BSKH, v_BSKH = k_LBSKH[layer], v_LBSKH[layer]
       new_kv = (k_LBSKH, v_LBSKH, layer)
 

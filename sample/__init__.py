@@ -10,9 +10,10 @@ See sample/README.md.
 
 from sample.engine import Generation, generate, generate_ids, stream_ids
 from sample.generator import Generator
+from sample.speculative import DraftModel, PromptLookup, Speculation
 from sample.strategies import Greedy, Sampling, Temperature, TopK, TopP
 
 __all__ = [
-    "Generation", "Generator", "Greedy", "Sampling", "Temperature", "TopK", "TopP", "generate",
-    "generate_ids", "stream_ids",
+    "DraftModel", "Generation", "Generator", "Greedy", "PromptLookup", "Sampling", "Speculation",
+    "Temperature", "TopK", "TopP", "generate", "generate_ids", "stream_ids",
 ]

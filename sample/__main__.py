@@ -2,6 +2,7 @@
 
   python -m sample --workdir=runs/tiny --prompt="To be" --max_new_tokens=200 \
       --temperature=0.8 --top_k=40 --num_samples=2
+  python -m sample --workdir=runs/tiny --draft=prompt_lookup --draft_tokens=4 --quantize=int8
 
 Sample i of --num_samples uses seed + i. The prompt is echoed, then the
 completion streams as it is decoded; a summary line (tokens, seconds,
@@ -31,7 +32,14 @@ flags.DEFINE_integer("num_samples", 1, "How many samples to draw.")
 flags.DEFINE_multi_string("stop", [], "Stop string(s) (eos always stops).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_bool("no_cache", False, "Recompute the full forward pass at every step (slow).")
-flags.DEFINE_integer("chunk_size", 8, "Tokens decoded per jitted call between prints.")
+flags.DEFINE_integer("chunk_size", 8, "Tokens decoded per jitted call between prints "
+                     "(rounds, when decoding speculatively).")
+flags.DEFINE_enum("quantize", "none", ["none", "int8"], "int8: int8 matmul weights with float32 "
+                  "per-output-channel scales (a quarter of the weight memory).")
+flags.DEFINE_string("draft", None, "Speculative decoding: 'prompt_lookup' (n-grams of the "
+                    "prompt and text so far) or the workdir of a small model with the same "
+                    "tokenizer.")
+flags.DEFINE_integer("draft_tokens", 4, "Speculative decoding: tokens drafted per round.")
 
 
 def main(argv):
@@ -43,11 +51,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
     store.quiet_orbax_errors()  # a damaged checkpoint is one line of ours
   try:
-    gen = Generator.from_workdir(FLAGS.workdir, FLAGS.step)
-  except WorkdirError as e:
+    gen = Generator.from_workdir(FLAGS.workdir, FLAGS.step, quantize=FLAGS.quantize,
+                                 draft=FLAGS.draft, draft_tokens=FLAGS.draft_tokens)
+  except (WorkdirError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   started = time.perf_counter()
+  drafted = accepted = 0
   for i in range(FLAGS.num_samples):
     if FLAGS.num_samples > 1:
       print(f"--- sample {i + 1}/{FLAGS.num_samples} (seed {FLAGS.seed + i}) ---")
@@ -63,9 +73,17 @@ def main(argv):
       print(f"\nerror: {e}", file=sys.stderr)
       return 1
     print(flush=True)
+    if gen.last_speculation is not None:
+      drafted += gen.last_speculation.drafted
+      accepted += gen.last_speculation.accepted
   elapsed = time.perf_counter() - started
+  extra = "; int8 weights" if FLAGS.quantize == "int8" else ""
+  if FLAGS.draft:
+    rate = accepted / drafted if drafted else 0.0
+    extra += (f"; speculative ({FLAGS.draft}, {FLAGS.draft_tokens} draft tokens): acceptance "
+              f"{rate:.1%} ({accepted}/{drafted})")
   print(f"[{FLAGS.num_samples} sample(s) in {elapsed:.2f} s incl. compilation; checkpoint step "
-        f"{gen.step}; {'no ' if FLAGS.no_cache else ''}KV cache]", file=sys.stderr)
+        f"{gen.step}; {'no ' if FLAGS.no_cache else ''}KV cache{extra}]", file=sys.stderr)
   return 0
 
 

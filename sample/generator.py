@@ -19,21 +19,30 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from model import store
-from sample import distribution, engine
+from model import quant, store
+from sample import distribution, engine, speculative
 from sample.strategies import Sampling, from_args
+
+PROMPT_LOOKUP = "prompt_lookup"
 
 
 class Generator:
   """A model, its parameters (layers unrolled once for decoding) and its tokenizer."""
 
   def __init__(self, cfg, params, tokenizer, *, step: int | None = None,
-               stop_ids: Sequence[int] = ()):
+               stop_ids: Sequence[int] = (), quantize: str = "none",
+               draft: speculative.PromptLookup | speculative.DraftModel | None = None,
+               draft_tokens: int = 4):
     """`params` of a plain model (a LoRA run's adapters merged: `model.store.load_params`);
-    `stop_ids`: token ids that end a row besides the tokenizer's eos (Phi-3 has three)."""
+    `stop_ids`: token ids that end a row besides the tokenizer's eos (Phi-3 has three).
+    quantize='int8': int8 matmul weights (model/quant.py; params already int8 stay so).
+    draft: decode speculatively (sample/speculative.py) with `draft_tokens` per round;
+    `last_speculation` then holds the acceptance statistics of the latest call."""
     if cfg.lora_rank:
       raise ValueError("Generator takes a plain model: merge the LoRA adapters first "
                        "(model.store.load_params does, or model.lora.merge)")
+    if quant.check_mode(quantize) == "int8" and not quant.is_quantized(params):
+      params = quant.quantize(params)
     self.cfg, self.params = engine.decode_model(cfg, params)
     self.tokenizer = tokenizer
     self.step = step
@@ -41,15 +50,26 @@ class Generator:
     if tokenizer.vocab_size > cfg.vocab_size:
       raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
                        f"{cfg.vocab_size}")
+    if isinstance(draft, speculative.DraftModel):
+      dcfg, dparams = engine.decode_model(draft.cfg, draft.params)
+      draft = speculative.DraftModel(dcfg, dparams)
+    self.draft, self.draft_tokens = draft, draft_tokens
+    self.last_speculation: speculative.Speculation | None = None
 
   @classmethod
-  def from_workdir(cls, workdir: str, step: int | None = None) -> Generator:
-    """Config, tokenizer and the latest (or given) checkpoint's params (LoRA adapters merged)."""
+  def from_workdir(cls, workdir: str, step: int | None = None, *, quantize: str = "none",
+                   draft: str | None = None, draft_tokens: int = 4) -> Generator:
+    """Config, tokenizer and the latest (or given) checkpoint's params (LoRA adapters merged).
+
+    draft: 'prompt_lookup', or the workdir of a smaller model with the same tokenizer.
+    """
     loaded = store.load_params(workdir, step)
     # An imported checkpoint records every id its generation config stops at (model/hf).
     stop_ids = store.read_config(workdir).get("source", {}).get("stop_ids") or ()
-    return cls(loaded.cfg, loaded.params, store.load_tokenizer(workdir), step=loaded.step,
-               stop_ids=stop_ids)
+    tokenizer = store.load_tokenizer(workdir)
+    return cls(loaded.cfg, loaded.params, tokenizer, step=loaded.step, stop_ids=stop_ids,
+               quantize=quantize, draft=_load_draft(draft, tokenizer, quantize),
+               draft_tokens=draft_tokens)
 
   # ---- tokens ----------------------------------------------------------------------------
   def encode(self, prompt: str) -> list[int]:
@@ -110,8 +130,15 @@ class Generator:
                 use_cache) -> list[str]:
     strings, stop_ids = self.stops(stop)
     prompt_ids = [self.encode(p) for p in prompts]
-    out = engine.generate(self.cfg, self.params, prompt_ids, max_new_tokens, sampling=sampling,
-                          seed=seed, stop_ids=stop_ids, use_cache=use_cache)
+    if self.draft is None:
+      out = engine.generate(self.cfg, self.params, prompt_ids, max_new_tokens,
+                            sampling=sampling, seed=seed, stop_ids=stop_ids, use_cache=use_cache)
+    else:
+      self._check_speculative(use_cache)
+      out = speculative.generate(self.cfg, self.params, prompt_ids, max_new_tokens,
+                                 draft=self.draft, draft_tokens=self.draft_tokens,
+                                 sampling=sampling, seed=seed, stop_ids=stop_ids)
+      self.last_speculation = out.speculation
     texts = [self._completion(p, new, strings)
              for p, new in zip(prompt_ids, out.tokens, strict=True)]
     if return_full_text:
@@ -129,10 +156,19 @@ class Generator:
     strings, stop_ids = self.stops(stop)
     prompt_ids = self.encode(prompt)
     detok = _Detokenizer(self.tokenizer, prompt_ids, strings)
-    chunks = engine.stream_ids(self.cfg, self.params, [prompt_ids], max_new_tokens,
-                               sampling=from_args(temperature, top_k, top_p), seed=seed,
-                               stop_ids=stop_ids, use_cache=use_cache,
-                               chunk_size=chunk_size)
+    sampling = from_args(temperature, top_k, top_p)
+    if self.draft is None:
+      chunks = engine.stream_ids(self.cfg, self.params, [prompt_ids], max_new_tokens,
+                                 sampling=sampling, seed=seed, stop_ids=stop_ids,
+                                 use_cache=use_cache, chunk_size=chunk_size)
+    else:
+      self._check_speculative(use_cache)
+      stats = []
+      chunks = speculative.stream_ids(self.cfg, self.params, [prompt_ids], max_new_tokens,
+                                      draft=self.draft, draft_tokens=self.draft_tokens,
+                                      sampling=sampling, seed=seed, stop_ids=stop_ids,
+                                      chunk_size=chunk_size, stats=stats)
+      chunks = self._recording(chunks, stats)
     for rows in chunks:
       piece = detok.push(rows[0])
       if piece:
@@ -143,6 +179,18 @@ class Generator:
     piece = detok.flush()
     if piece:
       yield piece
+
+  def _check_speculative(self, use_cache: bool):
+    if not use_cache:
+      raise ValueError("speculative decoding needs the KV cache (use_cache=True)")
+
+  def _recording(self, chunks, stats):
+    """Pass the chunks through; keep the acceptance statistics when they end."""
+    try:
+      yield from chunks
+    finally:
+      chunks.close()
+      self.last_speculation = stats[-1] if stats else None
 
   # ---- the next-token distribution -------------------------------------------------------
   def logits(self, prompt: str) -> np.ndarray:
@@ -155,6 +203,24 @@ class Generator:
     ids, probs = distribution.top_next_tokens(self.cfg, self.params, self.encode(prompt), k,
                                               temperature=temperature)
     return [(self.tokenizer.decode([int(i)]), float(p)) for i, p in zip(ids, probs, strict=True)]
+
+
+def _load_draft(draft: str | None, tokenizer, quantize: str):
+  """'prompt_lookup' -> PromptLookup(); a workdir -> its model, checked to share the tokenizer."""
+  if not draft:
+    return None
+  if draft == PROMPT_LOOKUP:
+    return speculative.PromptLookup()
+  loaded = store.load_params(draft)
+  probe = "def f(x):\n  return x + 1  # ok"
+  other = store.load_tokenizer(draft)
+  if other.vocab_size != tokenizer.vocab_size or other.encode(probe) != tokenizer.encode(probe):
+    raise ValueError(f"draft workdir {draft!r} has another tokenizer than the target's; a draft "
+                     "model must share the target's tokenizer")
+  params = loaded.params
+  if quant.check_mode(quantize) == "int8" and not quant.is_quantized(params):
+    params = quant.quantize(params)
+  return speculative.DraftModel(loaded.cfg, params)
 
 
 class _Detokenizer:

@@ -11,7 +11,7 @@ import pytest
 
 import model
 from model import lora as lora_lib
-from model import store
+from model import quant, store
 from model.store import ByteTokenizer, save_params, write_config
 from sample.distribution import prompt_logits
 from sample.generator import Generator, _Detokenizer
@@ -169,3 +169,37 @@ def test_cli_explains_a_missing_or_empty_workdir(tmp_path, which, message):
   result = run_cli(f"--workdir={path}", "--prompt=Hi")
   assert result.returncode != 0
   assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def draft_workdir(tmp_path_factory):
+  return make_workdir(tmp_path_factory.mktemp("draft"), cfg=CFG.replace(n_layers=1))
+
+
+def test_generator_decodes_speculatively_with_the_same_text(workdir, draft_workdir, gen):
+  expected = gen.generate(["Hello", "Hi there"], 16)
+  for draft in ("prompt_lookup", draft_workdir):
+    spec = Generator.from_workdir(workdir, draft=draft, draft_tokens=3)
+    assert spec.generate(["Hello", "Hi there"], 16) == expected
+    assert spec.last_speculation.drafted > 0
+    assert "".join(spec.stream("Hello", 16, chunk_size=2)) == expected[0]
+  with pytest.raises(ValueError, match="needs the KV cache"):
+    spec.generate("Hello", 4, use_cache=False)
+
+
+def test_generator_quantize_int8_runs_on_int8_weights(workdir):
+  int8 = Generator.from_workdir(workdir, quantize="int8")
+  assert quant.is_quantized(int8.params)
+  assert isinstance(int8.generate("Hello", 8), str)
+
+
+def test_cli_draft_and_int8_flags_report_the_acceptance(workdir, draft_workdir):
+  result = run_cli(f"--workdir={workdir}", "--prompt=Hello", "--max_new_tokens=10",
+                   "--temperature=0", f"--draft={draft_workdir}", "--draft_tokens=3",
+                   "--quantize=int8")
+  assert result.returncode == 0, result.stderr
+  expected = Generator.from_workdir(workdir, quantize="int8").generate("Hello", 10)
+  assert result.stdout == f"Hello{expected}\n"
+  assert "int8 weights" in result.stderr and "acceptance" in result.stderr
+  bad = run_cli(f"--workdir={workdir}", f"--draft={workdir}/missing")
+  assert bad.returncode != 0 and "error: " in bad.stderr and "Traceback" not in bad.stderr

@@ -1,7 +1,7 @@
 """Command line: Hugging Face model directory <-> workdir.
 
   python -m model.hf import --hf_dir=PATH_OR_HUB_ID --workdir=runs/NAME [--dtype=bfloat16]
-      [--tokenizer=PATH] [--set attention_impl=chunked] [--overwrite]
+      [--tokenizer=PATH] [--set attention_impl=chunked] [--quantize=int8] [--overwrite]
   python -m model.hf export --workdir=runs/NAME --out_dir=PATH [--step=N]
       [--architecture=LlamaForCausalLM] [--dtype=bfloat16] [--max_shard_size=5GB] [--overwrite]
 
@@ -35,6 +35,8 @@ flags.DEFINE_string("tokenizer", None, "import: a tokenizer.json / tokenizer.mod
                     "directory holding one) to use instead of the model directory's.")
 flags.DEFINE_multi_string("set", [], "import: override a ModelConfig field, e.g. "
                           "--set attention_impl=chunked --set scan_layers=false.")
+flags.DEFINE_enum("quantize", "none", ["none", "int8"], "import: store the matmul weights as "
+                  "int8 with float32 per-output-channel scales (a quarter of the memory).")
 flags.DEFINE_bool("overwrite", False, "import: replace a model already in --workdir; export: "
                   "write into a non-empty --out_dir.")
 flags.DEFINE_integer("step", None, "export: checkpoint step (default: the latest).")
@@ -68,6 +70,7 @@ def _run(command: str) -> int:
       raise app.UsageError("import needs --hf_dir and --workdir")
     cfg = convert.import_to_workdir(FLAGS.hf_dir, FLAGS.workdir, dtype=FLAGS.dtype,
                                     tokenizer_path=FLAGS.tokenizer, overwrite=FLAGS.overwrite,
+                                    quantize=FLAGS.quantize,
                                     **parse_field_overrides(FLAGS.set))
     print(f"imported {FLAGS.hf_dir} -> {FLAGS.workdir} ({count_params(cfg).total:,} params)")
     return 0

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from model import store
+from model import quant, store
 from model.config import ModelConfig
 from model.hf import architecture_of, load, read_hf_config, resolve, save
 from model.hf.safetensors_io import DEFAULT_MAX_SHARD_SIZE
@@ -27,9 +27,10 @@ from model.hf.tokenizer import export_tokenizer, install_tokenizer
 
 def import_to_workdir(hf_dir: str, workdir: str, *, dtype: str | None = None,
                       tokenizer_path: str | None = None, overwrite: bool = False,
-                      **overrides) -> ModelConfig:
+                      quantize: str = "none", **overrides) -> ModelConfig:
   """Write a workdir holding the HF model in hf_dir (a directory or a hub id); returns its
-  ModelConfig."""
+  ModelConfig. quantize='int8' stores int8 matmul weights with float32 scales (model/quant.py)."""
+  quant.check_mode(quantize)
   if store.has_config(workdir) and not overwrite:
     raise FileExistsError(f"{workdir} already holds a model ({store.CONFIG_FILE}); choose "
                           "another workdir or pass --overwrite")
@@ -41,10 +42,14 @@ def import_to_workdir(hf_dir: str, workdir: str, *, dtype: str | None = None,
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                      f"embedding only {cfg.vocab_size} rows")
+  sections = {}
+  if quantize == "int8":
+    params = quant.quantize(params)
+    sections["quantize"] = {"weights": "int8", "embeddings": False}
   store.save_params(workdir, params, step=0)
   store.write_config(workdir, cfg, tokenizer, source={
       "format": "huggingface", "hf_dir": os.path.abspath(hf_dir), **hub,
-      "architecture": architecture, "stop_ids": stop_ids})
+      "architecture": architecture, "stop_ids": stop_ids}, **sections)
   return cfg
 
 
@@ -60,7 +65,7 @@ def export_workdir(workdir: str, out_dir: str, *, step: int | None = None,
     raise FileExistsError(f"{out_dir} is not empty; choose another out_dir or pass --overwrite "
                           "to replace the model files in it")
   loaded = store.load_params(workdir, step)
-  cfg, params = loaded.cfg, loaded.params
+  cfg, params = loaded.cfg, quant.dequantize(loaded.params)  # HF formats hold float weights
   tokenizer = store.load_tokenizer(workdir)
   token_ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                "pad_token_id": tokenizer.pad_id}

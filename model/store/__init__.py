@@ -46,6 +46,7 @@ from model.store.workdir import (
     ensure_writable,
     has_config,
     load_model_config,
+    load_quantization,
     load_tokenizer,
     read_config,
     resolve,
@@ -58,7 +59,8 @@ __all__ = [
     "WorkdirError", "all_steps", "atomic_open", "atomic_path", "checkpoint_dir",
     "checkpoint_items", "checkpoint_manager", "config_path", "copy_file", "ensure_writable",
     "error_cause", "has_config", "latest_step", "load_model_config", "load_params",
-    "load_tokenizer", "quarantine", "quiet_orbax_errors", "read_config", "release_free_memory",
+    "load_quantization", "load_tokenizer", "quarantine", "quiet_orbax_errors", "read_config",
+    "release_free_memory",
     "resolve", "restore", "save_params", "tokenizer_from_spec", "with_shardings",
     "write_config", "write_json",
 ]

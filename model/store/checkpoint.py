@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -35,10 +36,17 @@ from jax.sharding import Mesh
 from orbax.checkpoint._src.serialization import tensorstore_utils
 
 from model import lora as lora_lib
+from model import quant
 from model.api import abstract_params
 from model.config import ModelConfig
 from model.sharding import param_shardings
-from model.store.workdir import CHECKPOINT_DIR, WorkdirError, checkpoint_dir, load_model_config
+from model.store.workdir import (
+    CHECKPOINT_DIR,
+    WorkdirError,
+    checkpoint_dir,
+    load_model_config,
+    load_quantization,
+)
 
 JSON_ITEMS = ("meta", "data")
 DAMAGED_SUFFIX = ".damaged"
@@ -197,8 +205,15 @@ def with_shardings(abstract, shardings):
                       shardings)
 
 
-def _model_target(cfg: ModelConfig, name: str, shardings):
+def _model_target(cfg: ModelConfig, name: str, shardings, quantization=None):
   collection = "lora" if name == "lora" else "params"
+  if quantization and collection == "params":
+    if shardings is not None:
+      raise ValueError("restore: an int8-quantized checkpoint loads onto one device only "
+                       "(shardings=None)")
+    return with_shardings(jax.eval_shape(functools.partial(
+        quant.quantize, embeddings=bool(quantization.get("embeddings"))),
+        abstract_params(cfg, collection)), None)
   placement = shardings
   if isinstance(shardings, Mapping):
     if not set(shardings) <= {"params", "lora"}:
@@ -250,7 +265,7 @@ def restore(workdir: str, step: int | None = None, *, items: Sequence[str] = ("p
       if name not in ("params", "lora"):
         raise ValueError(f"restore: item {name!r} needs an abstract target")
       cfg = cfg or load_model_config(workdir)
-      target = _model_target(cfg, name, shardings)
+      target = _model_target(cfg, name, shardings, load_quantization(workdir))
     args[name] = ocp.args.StandardRestore(target)
   restored = {}
   with ocp.CheckpointManager(checkpoint_dir(workdir)) as mngr:
@@ -293,6 +308,8 @@ def load_params(workdir: str, step: int | None = None, *, shardings=None,
   adapters = ("lora",) if cfg.lora_rank and merge_lora else ()
   ckpt = restore(workdir, step, items=("params",), optional=adapters, shardings=shardings)
   params, lora = ckpt.items["params"], ckpt.items.get("lora")
+  if lora is not None and quant.is_quantized(params):
+    raise WorkdirError(f"workdir {workdir!r}: LoRA adapters cannot be merged into int8 weights")
   if lora is not None:
     params = lora_lib.merge(cfg, params, lora)
   return LoadedParams(lora_lib.without_lora(cfg), params, ckpt.step, lora is not None)

@@ -92,6 +92,18 @@ def read_config(workdir: str) -> dict[str, Any]:
   return config
 
 
+def load_quantization(workdir: str) -> dict[str, Any] | None:
+  """The workdir's weight quantization ({"weights": "int8", "embeddings": bool}; model/quant.py),
+  or None for float weights."""
+  spec = read_config(workdir).get("quantize")
+  if spec is None:
+    return None
+  if not isinstance(spec, dict) or spec.get("weights") != "int8":
+    raise WorkdirError(f"{config_path(workdir)}: unknown 'quantize' section {spec!r} "
+                       "(expected {'weights': 'int8', 'embeddings': bool})")
+  return spec
+
+
 def load_model_config(workdir: str) -> ModelConfig:
   try:
     return ModelConfig.from_dict(read_config(workdir)["model"])
