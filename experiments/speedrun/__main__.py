@@ -31,6 +31,7 @@ from absl import app, flags
 from matplotlib.figure import Figure
 
 from experiments.speedrun import data as data_lib
+from experiments.speedrun import nanogpt
 from experiments.speedrun.race import run_ours
 from model.store.files import atomic_open
 from train import config_lib, xla_flags
@@ -47,9 +48,8 @@ flags.DEFINE_integer("repeats", 3, "Reference + ours pairs, run one after the ot
 flags.DEFINE_string("reference", "", "Reuse this reference_<i>.json instead of running one "
                     "(for ablations of our side: compare steps and seconds to L*).")
 flags.DEFINE_bool("reference_omp_passive", True,
-                  "Run the reference with OMP_WAIT_POLICY=PASSIVE (unless set): on a shared "
-                  "machine torch's spinning OpenMP threads run 8-25x slower (measured 1.2-4 s "
-                  "per baby iteration against 0.15 s at load 12 on 2 cores).")
+                  "Run the reference with OMP_WAIT_POLICY=PASSIVE unless set "
+                  "(nanogpt.passive_openmp: spinning OpenMP threads on a shared machine).")
 
 DEFAULT_CONFIG = "train/configs/speedrun_char.py"
 EVAL_SEQ_LEN = 64  # the reference's context: both sides are scored on these windows
@@ -78,7 +78,7 @@ def run_reference(data_dir: str, out_json: str, *, iters: int, eval_interval: in
          f"--seed={seed}"]
   env = dict(os.environ)
   if FLAGS.reference_omp_passive:
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    nanogpt.passive_openmp(env)
   env.pop("XLA_FLAGS", None)
   subprocess.run(cmd, check=True, env=env)
   with open(out_json) as f:
