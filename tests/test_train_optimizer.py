@@ -15,7 +15,8 @@ from train.tasks import Pretrain
 
 def optim(**overrides):
   c = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1.0, muon_lr=0.02, muon_momentum=0.95, schedule="cosine",
+      name="adamw", lr=1.0, muon_lr=0.02, muon_momentum=0.95, muon_ns_steps=5,
+      schedule="cosine",
       warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2,
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, decay_embeddings=False, grad_clip=1.0))
   c.update(overrides)

@@ -116,7 +116,8 @@ def _muon(ocfg: ml_collections.ConfigDict, schedule: optax.Schedule
   # Inside optax.partition the other leaves are MaskedNodes (empty subtrees), so the
   # dimension numbers computed from the updates cover exactly the Muon leaves.
   return optax.chain(
-      scale_by_muon(beta=float(ocfg.muon_momentum), weight_dimension_numbers=muon_dimensions),
+      scale_by_muon(beta=float(ocfg.muon_momentum), ns_steps=int(ocfg.muon_ns_steps),
+                    weight_dimension_numbers=muon_dimensions),
       scale_by_shape(weight_dimension_numbers=muon_dimensions),
       optax.add_decayed_weights(float(ocfg.weight_decay)),
       optax.scale_by_learning_rate(schedule))
