@@ -41,6 +41,7 @@ import numpy as np
 from absl import app, flags
 
 import model
+from experiments.speedrun import nanogpt
 from model import store
 from model.sharding import make_mesh
 from train import optimizer as optim_lib
@@ -60,7 +61,8 @@ flags.DEFINE_string("attention_impl", "chunked", "ModelConfig.attention_impl for
 flags.DEFINE_string("dtype", "float32", "ModelConfig.dtype (compute) for the timed step and peak.")
 flags.DEFINE_bool("scan_layers", True, "ModelConfig.scan_layers for the timed step.")
 flags.DEFINE_bool("xla_flags", True, "Apply the CPU XLA flags of train/xla_flags.py.")
-flags.DEFINE_bool("torch", False, "Also time a PyTorch eager implementation of the same shapes.")
+flags.DEFINE_bool("torch", False, "Also time nanoGPT's own train.py loop (PyTorch eager, "
+                  "experiments/speedrun/nanogpt.py) at the same shapes.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
 
 SHAPES = {"nanogpt-baby": (12, 64), "shakespeare-char": (64, 256), "gpt2-small": (16, 1024)}
@@ -131,54 +133,29 @@ def bench_jax(name, rows, seq_len):
 
 
 def bench_torch(cfg, rows, seq_len, fpt):
-  """nanoGPT's model in PyTorch eager (pre-LN GPT, tied head, AdamW), same shapes."""
+  """nanoGPT's train.py in PyTorch eager (experiments/speedrun/nanogpt.py), same shapes."""
   import torch
-  import torch.nn.functional as F
-  from torch import nn
 
-  d, h = cfg.d_model, cfg.n_heads
-
-  class Block(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-      self.qkv, self.proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
-      self.fc, self.out = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
-
-    def forward(self, x):
-      b, t, _ = x.shape
-      q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
-      q, k, v = (z.view(b, t, h, d // h).transpose(1, 2) for z in (q, k, v))
-      y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-      x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
-      return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
-
-  class GPT(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.tok, self.pos = nn.Embedding(cfg.vocab_size, d), nn.Embedding(cfg.max_seq_len, d)
-      self.blocks = nn.ModuleList(Block() for _ in range(cfg.n_layers))
-      self.ln = nn.LayerNorm(d)
-
-    def forward(self, idx):
-      x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
-      for block in self.blocks:
-        x = block(x)
-      return self.ln(x) @ self.tok.weight.T
-
+  r = nanogpt.Recipe(n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.d_model,
+                     block_size=seq_len, batch_size=rows)
   torch.manual_seed(0)
-  net = GPT()
-  opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.1)
-  x = torch.randint(0, cfg.vocab_size, (rows, seq_len + 1))
+  net = nanogpt.build_gpt(cfg.vocab_size, r)
+  opt = nanogpt.configure_optimizers(net, r)
+  data = np.random.default_rng(0).integers(0, cfg.vocab_size, 100_000).astype(np.uint16)
+  it = [0]
 
   def run_steps(n):
+    x, y = nanogpt.get_batch(data, r)
     for _ in range(n):
-      logits = net(x[:, :-1])
-      loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
-      opt.zero_grad(set_to_none=True)
+      for group in opt.param_groups:
+        group["lr"] = nanogpt.get_lr(it[0], r)
+      _, loss = net(x, y)
+      x, y = nanogpt.get_batch(data, r)
       loss.backward()
-      torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+      torch.nn.utils.clip_grad_norm_(net.parameters(), r.grad_clip)
       opt.step()
+      opt.zero_grad(set_to_none=True)
+      it[0] += 1
 
   def torch_peak():
     a = torch.randn(1024, 1024)
@@ -216,6 +193,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.xla_flags:
     xla_flags.apply()
+  if FLAGS.torch:
+    nanogpt.passive_openmp()  # before torch starts its OpenMP threads
   results = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "load_before": os.getloadavg(),
              "devices": str(jax.devices()[0]), "presets": {}}
   print(f"{_load()}; {os.cpu_count()} CPUs; jax {jax.__version__} on "

@@ -13,7 +13,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READMES = ["README.md", "model/README.md", "model/hf/README.md", "train/README.md",
-           "sample/README.md", "experiments/scaling/README.md", "experiments/interp/README.md"]
+           "sample/README.md", "experiments/scaling/README.md", "experiments/interp/README.md",
+           "experiments/speedrun/README.md"]
 
 
 def read(path):

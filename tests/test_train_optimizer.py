@@ -9,12 +9,15 @@ import pytest
 
 import model
 from tests.conftest import tiny_config
-from train.optimizer import make_optimizer, make_schedule, weight_decay_mask
+from train.optimizer import make_optimizer, make_schedule, muon_labels, weight_decay_mask
+from train.tasks import Pretrain
 
 
 def optim(**overrides):
   c = ml_collections.ConfigDict(dict(
-      lr=1.0, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2,
+      name="adamw", lr=1.0, muon_lr=0.02, muon_momentum=0.95, muon_ns_steps=5,
+      schedule="cosine",
+      warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2,
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, decay_embeddings=False, grad_clip=1.0))
   c.update(overrides)
   return c
@@ -98,3 +101,69 @@ def test_gradient_clipping_by_global_norm():
                               b2=0.0, weight_decay=0.0, grad_clip=clip), num_steps=10)
     updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     np.testing.assert_allclose(updates["kernel"], want, rtol=1e-3, atol=1e-4)
+
+
+# ---- Muon ----------------------------------------------------------------------------------
+def flat_paths(tree):
+  return {"/".join(str(getattr(k, "key", k)) for k in path): v
+          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(scan):
+  cfg = tiny_config(attn_bias=True, mlp_bias=True, tie_embeddings=False, scan_layers=scan)
+  labels = flat_paths(muon_labels(jax.eval_shape(lambda: model.init(cfg, jax.random.PRNGKey(0)))))
+  muon = sorted(k for k, v in labels.items() if v == "muon")
+  block = "layers" if scan else "layers_0"
+  for name in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/up", "mlp/down"):
+    assert f"{block}/{name}/kernel" in muon
+  assert len(muon) == 6 * (1 if scan else cfg.n_layers)
+  for name in ("embed/embedding", "pos_embedding", "lm_head/kernel", "final_norm/scale",
+               f"{block}/attn_norm/scale", f"{block}/attn/q/bias", f"{block}/mlp/up/bias"):
+    assert labels[name] == "adamw", name
+
+
+def test_muon_orthogonalizes_each_layer_of_a_stack():
+  # One step from zero momentum: the update of w_LIO is -lr * sqrt(max(1, O/I)) * U V^T per
+  # layer. Layers whose gradients differ by 1e4 in scale must each come out orthogonal (all
+  # singular values ~1, Newton-Schulz's quintic leaves them in ~[0.7, 1.2]); orthogonalizing
+  # the stack as one matrix would leave the small layer's near 0.
+  n_layers, d_in, d_out = 3, 16, 32
+  scales_L11 = jnp.array([1e2, 1.0, 1e-2])[:, None, None]
+  g_LIO = jax.random.normal(jax.random.PRNGKey(0), (n_layers, d_in, d_out)) * scales_L11
+  params = {"layers": {"mlp": {"up": {"kernel": jnp.zeros((n_layers, d_in, d_out))}}},
+            "embed": {"embedding": jnp.zeros((5, d_in))}}
+  grads = {"layers": {"mlp": {"up": {"kernel": g_LIO}}},
+           "embed": {"embedding": jnp.ones((5, d_in))}}
+  tx = make_optimizer(optim(name="muon", schedule="constant", warmup_steps=0, muon_lr=1.0,
+                            lr=0.1, weight_decay=0.0, grad_clip=0.0), num_steps=10)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  u_LIO = np.asarray(updates["layers"]["mlp"]["up"]["kernel"]) / -np.sqrt(d_out / d_in)
+  for layer in range(n_layers):
+    s = np.linalg.svd(u_LIO[layer], compute_uv=False)
+    assert s.min() > 0.6 and s.max() < 1.25, (layer, s)
+  # The embedding went through AdamW: its first step is -lr * sign(g).
+  np.testing.assert_allclose(updates["embed"]["embedding"], -0.1, rtol=1e-4)
+
+
+def test_muon_lowers_the_loss_of_a_short_run():
+  cfg = tiny_config()
+  task = Pretrain(cfg, document_masking=False)
+  params = task.init(jax.random.PRNGKey(0))
+  tx = make_optimizer(optim(name="muon", lr=1e-2, warmup_steps=2, muon_lr=0.1), num_steps=30)
+  tokens = np.tile(np.arange(17) % 11, (4, 4))[:, :33].astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "positions": np.tile(np.arange(32, dtype=np.int32), (4, 1))}
+  loss_fn = lambda p: jnp.mean(task.token_losses(p, None, batch))
+
+  @jax.jit
+  def step(p, s):
+    loss, g = jax.value_and_grad(loss_fn)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  state, losses = tx.init(params), []
+  for _ in range(30):
+    params, state, loss = step(params, state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.4 * losses[0], " ".join(f"{x:.2f}" for x in losses)

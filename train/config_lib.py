@@ -269,6 +269,7 @@ def describe(config: ml_collections.ConfigDict, width: int = 100) -> str:
 
 # ---- validation --------------------------------------------------------------------------------
 SCHEDULES = ("cosine", "linear", "constant", "wsd", "rsqrt")
+OPTIMIZERS = ("adamw", "muon")
 TOKENIZERS = ("sentencepiece", "byte")
 SP_MODEL_TYPES = ("bpe", "unigram", "char")
 
@@ -290,7 +291,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.tokenizer.model_type in SP_MODEL_TYPES, "tokenizer.model_type",
        f"must be one of {SP_MODEL_TYPES}")
   need(config.optim.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}")
+  need(config.optim.name in OPTIMIZERS, "optim.name", f"must be one of {OPTIMIZERS}")
   need(config.optim.lr > 0, "optim.lr", "must be positive")
+  need(config.optim.muon_lr > 0, "optim.muon_lr", "must be positive")
   need(0.0 <= config.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
   need(config.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
   need(config.optim.warmup_steps < config.num_steps or config.optim.schedule == "constant",

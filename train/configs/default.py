@@ -66,7 +66,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.tokenizer.max_train_chars = 20_000_000
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 3e-3
+  c.optim.name = "adamw"               # adamw | muon (Muon on the blocks' matrices, AdamW else)
+  c.optim.lr = 3e-3                    # AdamW's peak (with muon: embeddings, head, norms, biases)
+  c.optim.muon_lr = 0.02               # muon: the peak lr of the blocks' matrices
+  c.optim.muon_momentum = 0.95         # muon: Nesterov momentum before orthogonalization
+  c.optim.muon_ns_steps = 5            # muon: Newton-Schulz iterations per update
   c.optim.schedule = "cosine"          # cosine | linear | constant | wsd | rsqrt
   c.optim.warmup_steps = 50
   c.optim.min_lr_ratio = 0.1
