@@ -32,7 +32,7 @@ def runs(tmp_path_factory):
   for dtype in ("float32", "bfloat16"):
     config = load_config("train/configs/tiny.py", {
         "num_steps": STEPS, "log_every": 1, "eval_every": STEPS, "checkpoint_every": STEPS,
-        "tensorboard": False, "async_checkpoints": False, "model.dtype": dtype,
+        "trackers": ("jsonl",), "async_checkpoints": False, "model.dtype": dtype,
         "data.cache_dir": os.path.join(root, "cache")})
     workdir = os.path.join(root, dtype)
     summary = train_and_evaluate(config, workdir)

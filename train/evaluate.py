@@ -52,6 +52,7 @@ from train.configs import default
 from train.corpus import CorpusError
 from train.data import eval_batches, prepare_data
 from train.metrics import MetricsWriter
+from train.run import check_model_fits_data
 from train.steps import evaluate_windows, make_eval_step
 from train.tasks import Pretrain
 
@@ -119,12 +120,7 @@ def evaluate(workdir: str, *, corpus: str | None = None, step: int | None = None
   data = prepare_data(config, workdir)
   loaded = store.load_params(workdir, step, shardings=mesh)
   cfg = loaded.cfg
-  if cfg.vocab_size < data.tokenizer.vocab_size:
-    raise EvaluateError(f"the model's vocab_size={cfg.vocab_size} is smaller than the "
-                        f"tokenizer's {data.tokenizer.vocab_size} ids")
-  if cfg.position == "learned" and config.data.seq_len > cfg.max_seq_len:
-    raise EvaluateError(f"data.seq_len={config.data.seq_len} exceeds the model's "
-                        f"max_seq_len={cfg.max_seq_len}")
+  check_model_fits_data(cfg, data.tokenizer.vocab_size, config.data.seq_len)
   task = Pretrain(cfg, config.data.document_masking)
   eval_step = make_eval_step(task, mesh=mesh,
                              params_shardings=jax.tree.map(lambda x: x.sharding, loaded.params))

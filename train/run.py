@@ -96,13 +96,19 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
 def _model_config(config, data: PreparedData, base: finetune.Base | None):
   cfg = base.cfg if base else config_lib.model_config(
       config, vocab_size=data.tokenizer.vocab_size)
-  if cfg.vocab_size < data.tokenizer.vocab_size:
-    raise ConfigError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the "
-                      f"tokenizer's {data.tokenizer.vocab_size} ids")
-  if cfg.position == "learned" and config.data.seq_len > cfg.max_seq_len:
-    raise ConfigError(f"config.data.seq_len={config.data.seq_len} exceeds "
-                      f"model.max_seq_len={cfg.max_seq_len}")
+  check_model_fits_data(cfg, data.tokenizer.vocab_size, config.data.seq_len)
   return cfg
+
+
+def check_model_fits_data(cfg, tokenizer_vocab_size: int, seq_len: int) -> None:
+  """ConfigError unless the model has an embedding row for every token id and (learned
+  positions) a position row for every window slot."""
+  if cfg.vocab_size < tokenizer_vocab_size:
+    raise ConfigError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the "
+                      f"tokenizer's {tokenizer_vocab_size} ids")
+  if cfg.position == "learned" and seq_len > cfg.max_seq_len:
+    raise ConfigError(f"config.data.seq_len={seq_len} exceeds "
+                      f"model.max_seq_len={cfg.max_seq_len}")
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, *,

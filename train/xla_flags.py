@@ -21,6 +21,16 @@ What they do (measured with `python -m experiments.bench_train`, see train/READM
       even (a clear error says so). Only the CPU backend is affected.
       TRANSFORMER_LAB_CPU_DEVICES=N chooses another count.
 
+  --xla_cpu_collective_call_terminate_timeout_seconds=1200
+  --xla_cpu_collective_call_warn_stuck_timeout_seconds=120
+      how long a CPU device thread waits at a collective (the data-parallel gradient
+      all-reduce, the eval's) for the other device before XLA aborts the process. The
+      default, 40 s, is shorter than a busy laptop can starve one thread: with other
+      CPU-heavy processes running, the default two-device run aborted at a rendezvous in
+      1 of 3 runs (issue 12). A late thread is not an error, so it waits; a deadlocked
+      program (a bug) still aborts, after 20 minutes. tests/test_xla_flags.py holds one
+      device back at a collective and shows the abort without the flag and none with it.
+
 Flags the user set in XLA_FLAGS win: a flag already present is not touched.
 TRANSFORMER_LAB_NO_XLA_FLAGS=1 turns all of this off.
 """
@@ -33,6 +43,8 @@ from jax._src import xla_bridge
 
 CPU_FLAGS = (
     "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+    "--xla_cpu_collective_call_terminate_timeout_seconds=1200",
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
 )
 
 
