@@ -161,9 +161,9 @@ def inject(fault: str, job: Job, rng: random.Random, duration: float) -> dict:
     if fault == "truncated_params":
       files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "params"))
                for f in fs if os.sep + "d" + os.sep in os.path.join(d, f)]
-      biggest = max(files, key=os.path.getsize)
-      with open(biggest, "r+b") as f:
-        f.truncate(os.path.getsize(biggest) // 2)
+      for path in files:  # every data file: OCDBT may keep one the manifest no longer uses
+        with open(path, "r+b") as f:
+          f.truncate(os.path.getsize(path) // 2)
     elif fault == "empty_data_item":
       open(os.path.join(step_dir, "data", "metadata"), "w").close()
     else:

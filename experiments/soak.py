@@ -21,7 +21,7 @@ import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from model import store
 
@@ -58,6 +58,7 @@ def slope(samples: list[tuple[float, float]], warmup_s: float) -> float:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO: keep the figures
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="soak-")
   command = [sys.executable, "-m", "train", "--config=train/configs/tiny.py",
              f"--workdir={workdir}", "--config.num_steps=100000000", "--config.log_every=5",

@@ -11,6 +11,7 @@ tokens/s) goes to stderr.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -50,12 +51,18 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
     store.quiet_orbax_errors()  # a damaged checkpoint is one line of ours
+  background = store.BackgroundErrors().__enter__()
   try:
     gen = Generator.from_workdir(FLAGS.workdir, FLAGS.step, quantize=FLAGS.quantize,
                                  draft=FLAGS.draft, draft_tokens=FLAGS.draft_tokens)
   except (WorkdirError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # A damaged checkpoint leaves TensorStore reads in flight whose callbacks find orbax's
+    # event loop closed while the interpreter shuts down, and print tracebacks from C++
+    # threads that no Python hook sees. Nothing is written here, so leave at once.
+    os._exit(1)
+  background.release()
   started = time.perf_counter()
   drafted = accepted = 0
   for i in range(FLAGS.num_samples):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import ast
 import signal
 import sys
-import threading
 
 from absl import app, flags, logging
 
@@ -38,28 +37,6 @@ distributed.define_flags(FLAGS)
 
 HELP_ARGS = ("--help", "-help", "-h", "--helpshort", "-?")
 _config = None  # the run config, parsed with the flags
-
-
-class _BackgroundErrors:
-  """Holds back exceptions of background threads (orbax's writers, TensorStore callbacks)
-  while a run goes on. After a failure they are its echoes (a full disk makes every writer
-  thread fail) and the one error line says what happened; after a success they are shown."""
-
-  def __enter__(self):
-    self.held = []
-    self._hooks = (sys.unraisablehook, threading.excepthook)
-    sys.unraisablehook = lambda args: self.held.append(("unraisable", args))
-    threading.excepthook = lambda args: self.held.append(("thread", args))
-    return self
-
-  def __exit__(self, exc_type, *exc) -> bool:
-    return False
-
-  def release(self) -> None:
-    """Restore the hooks and show what was held back."""
-    sys.unraisablehook, threading.excepthook = self._hooks
-    for kind, args in self.held:
-      (sys.unraisablehook if kind == "unraisable" else threading.excepthook)(args)
 
 
 def _first_doc_line(path: str) -> str:
@@ -105,7 +82,7 @@ def main(argv):
   except distributed.DistributedError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  background = _BackgroundErrors().__enter__()
+  background = store.BackgroundErrors().__enter__()
   try:
     summary = train_and_evaluate(_config, FLAGS.workdir)
   except (config_lib.ConfigError, CorpusError, store.WorkdirError, FileNotFoundError,

@@ -13,6 +13,7 @@ checkpoint.py (orbax items, one restore), files.py (atomic writes).
 
 from model.store.checkpoint import (
     JSON_ITEMS,
+    BackgroundErrors,
     Checkpoint,
     CheckpointError,
     LoadedParams,
@@ -54,9 +55,9 @@ from model.store.workdir import (
 )
 
 __all__ = [
-    "CHECKPOINT_DIR", "CONFIG_FILE", "JSON_ITEMS", "ByteTokenizer", "Checkpoint",
-    "CheckpointError", "HFTokenizer", "LoadedParams", "SentencePieceTokenizer", "Tokenizer",
-    "WorkdirError", "all_steps", "atomic_open", "atomic_path", "checkpoint_dir",
+    "BackgroundErrors", "CHECKPOINT_DIR", "CONFIG_FILE", "JSON_ITEMS", "ByteTokenizer",
+    "Checkpoint", "CheckpointError", "HFTokenizer", "LoadedParams", "SentencePieceTokenizer",
+    "Tokenizer", "WorkdirError", "all_steps", "atomic_open", "atomic_path", "checkpoint_dir",
     "checkpoint_items", "checkpoint_manager", "config_path", "copy_file", "ensure_writable",
     "error_cause", "has_config", "latest_step", "load_model_config", "load_params",
     "load_quantization", "load_tokenizer", "quarantine", "quiet_orbax_errors", "read_config",

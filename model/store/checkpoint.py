@@ -25,6 +25,8 @@ import functools
 import logging
 import os
 import re
+import sys
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -123,6 +125,30 @@ def quiet_orbax_errors() -> None:
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _OrbaxErrorLogs) for f in handler.filters):
     handler.addFilter(_OrbaxErrorLogs())
+
+
+class BackgroundErrors:
+  """Holds back exceptions of background threads (orbax's writers and readers, TensorStore
+  callbacks) while a command runs. After a failure they are its echoes (a full disk makes
+  every writer thread fail; a damaged checkpoint's pending reads find their event loop
+  closed) and the command's one error line says what happened; after a success `release`
+  shows them."""
+
+  def __enter__(self):
+    self.held = []
+    self._hooks = (sys.unraisablehook, threading.excepthook)
+    sys.unraisablehook = lambda args: self.held.append(("unraisable", args))
+    threading.excepthook = lambda args: self.held.append(("thread", args))
+    return self
+
+  def __exit__(self, exc_type, *exc) -> bool:
+    return False
+
+  def release(self) -> None:
+    """Restore the hooks and show what was held back."""
+    sys.unraisablehook, threading.excepthook = self._hooks
+    for kind, args in self.held:
+      (sys.unraisablehook if kind == "unraisable" else threading.excepthook)(args)
 
 
 def release_free_memory() -> None:
