@@ -11,8 +11,10 @@ tokens/s) goes to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
 import time
 
 from absl import app, flags, logging
@@ -43,6 +45,45 @@ flags.DEFINE_string("draft", None, "Speculative decoding: 'prompt_lookup' (n-gra
 flags.DEFINE_integer("draft_tokens", 4, "Speculative decoding: tokens drafted per round.")
 
 
+class _HeldStderr:
+  """What the process wrote to file descriptor 2 while held (C++ threads included)."""
+
+  def __init__(self):
+    self.file = tempfile.TemporaryFile()
+    self.saved_fd = os.dup(2)
+    self.dropped = False
+
+  def drop(self) -> None:
+    self.dropped = True
+    self.release()
+
+  def release(self) -> None:
+    if self.saved_fd is None:
+      return
+    sys.stderr.flush()
+    os.dup2(self.saved_fd, 2)
+    os.close(self.saved_fd)
+    self.saved_fd = None
+    if not self.dropped:  # a successful load: show what it said (warnings), in order
+      self.file.seek(0)
+      sys.stderr.write(self.file.read().decode(errors="replace"))
+      sys.stderr.flush()
+    self.file.close()
+
+
+@contextlib.contextmanager
+def _stderr_held():
+  """File descriptor 2 goes to a temporary file inside the block; replayed after it, unless
+  `drop()` was called (a failed load's one error line stands alone)."""
+  sys.stderr.flush()
+  held = _HeldStderr()
+  os.dup2(held.file.fileno(), 2)
+  try:
+    yield held
+  finally:
+    held.release()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -51,18 +92,19 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
     store.quiet_orbax_errors()  # a damaged checkpoint is one line of ours
-  background = store.BackgroundErrors().__enter__()
-  try:
-    gen = Generator.from_workdir(FLAGS.workdir, FLAGS.step, quantize=FLAGS.quantize,
-                                 draft=FLAGS.draft, draft_tokens=FLAGS.draft_tokens)
-  except (WorkdirError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    # A damaged checkpoint leaves TensorStore reads in flight whose callbacks find orbax's
-    # event loop closed while the interpreter shuts down, and print tracebacks from C++
-    # threads that no Python hook sees. Nothing is written here, so leave at once.
-    os._exit(1)
-  background.release()
+  with _stderr_held() as held:
+    try:
+      gen = Generator.from_workdir(FLAGS.workdir, FLAGS.step, quantize=FLAGS.quantize,
+                                   draft=FLAGS.draft, draft_tokens=FLAGS.draft_tokens)
+    except (WorkdirError, ValueError) as e:
+      # A damaged checkpoint leaves TensorStore reads in flight whose callbacks find orbax's
+      # event loop closed and print tracebacks from C++ threads that no Python hook sees:
+      # let them land in the held stream, drop it, and leave (nothing is written here).
+      time.sleep(0.5)
+      held.drop()
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      os._exit(1)
   started = time.perf_counter()
   drafted = accepted = 0
   for i in range(FLAGS.num_samples):
